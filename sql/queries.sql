@@ -1,0 +1,179 @@
+-- Named queries of the queue. Each starts with a "-- name: <name>" line and one line that
+-- says what it does; queue_core.queries loads them by name. Parameters are always bound.
+-- Every decision about a lease uses the database clock (statement_timestamp()), never
+-- the worker's, and never the transaction's start time (now()), which lags behind a long
+-- task.
+
+-- name: enqueue_tasks
+-- Create the lease rows of new batches and insert the tasks, in the given order; one statement.
+WITH new_batches AS (
+    INSERT INTO "BatchLocks" ("BatchId")
+    SELECT DISTINCT batch_id FROM unnest(%(batch_ids)s::text[]) AS b (batch_id)
+    ON CONFLICT DO NOTHING
+)
+INSERT INTO "Tasks" ("BatchId", "Payload")
+SELECT batch_id, payload::jsonb
+FROM unnest(%(batch_ids)s::text[], %(payloads)s::text[]) WITH ORDINALITY
+    AS t (batch_id, payload, position)
+ORDER BY position
+RETURNING "Id";
+
+-- name: claim_batch
+-- Claim the lease of one batch whose head is ready (the preferred batch first, then the least
+-- recently worked one) and count a start of its head. Competing claimers skip each other's
+-- lease rows; a head still locked by a frozen former owner is reported, never skipped.
+WITH candidate AS MATERIALIZED (
+    SELECT lease."BatchId", lease."LockedBy" AS previous_owner
+    FROM "BatchLocks" lease
+    WHERE (lease."LockedBy" IS NULL
+           OR lease."LockedAt" <= statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s))
+      AND lease."BatchId" <> ALL (%(busy_batch_ids)s::text[])
+      AND EXISTS (
+          SELECT FROM (
+              SELECT head."NotBefore"
+              FROM "Tasks" head
+              WHERE head."BatchId" = lease."BatchId"
+              ORDER BY head."Id"
+              LIMIT 1
+          ) AS head
+          WHERE head."NotBefore" IS NULL OR head."NotBefore" <= statement_timestamp()
+      )
+    ORDER BY (lease."BatchId" = %(preferred_batch_id)s) IS TRUE DESC,
+             lease."LockedAt" ASC NULLS FIRST
+    LIMIT 1
+    FOR NO KEY UPDATE OF lease SKIP LOCKED
+),
+head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    JOIN candidate ON candidate."BatchId" = task."BatchId"
+    ORDER BY task."Id"
+    LIMIT 1
+),
+-- Locks exactly the head, or nothing when another transaction holds it.
+locked_head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    JOIN head ON head."Id" = task."Id"
+    FOR NO KEY UPDATE OF task SKIP LOCKED
+),
+started AS (
+    UPDATE "Tasks" task
+    SET "Attempts" = task."Attempts" + 1
+    FROM locked_head
+    WHERE task."Id" = locked_head."Id"
+),
+claimed AS (
+    UPDATE "BatchLocks" lease
+    SET "LockedBy" = %(worker_id)s,
+        "LockedAt" = statement_timestamp(),
+        "FencingToken" = lease."FencingToken" + 1
+    FROM candidate
+    WHERE lease."BatchId" = candidate."BatchId"
+      AND EXISTS (SELECT FROM locked_head)
+    RETURNING lease."FencingToken"
+)
+SELECT candidate."BatchId",
+       candidate.previous_owner,
+       (SELECT "FencingToken" FROM claimed) AS fencing_token
+FROM candidate;
+
+-- name: lock_head
+-- Lock the head of a batch for processing, if the caller's lease still holds. Returns no row
+-- when the batch is empty or the lease is gone, and a row without a task when another
+-- transaction holds the head: the head is never skipped.
+WITH head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
+    WHERE lease."BatchId" = %(batch_id)s
+      AND lease."FencingToken" = %(fencing_token)s
+      AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
+    ORDER BY task."Id"
+    LIMIT 1
+),
+locked AS MATERIALIZED (
+    SELECT task."Id", task."Payload", task."Attempts", task."EnqueuedAt"
+    FROM "Tasks" task
+    JOIN head ON head."Id" = task."Id"
+    FOR NO KEY UPDATE OF task SKIP LOCKED
+)
+SELECT head."Id" AS head_id, locked."Id", locked."Payload", locked."Attempts",
+       locked."EnqueuedAt"
+FROM head
+LEFT JOIN locked ON locked."Id" = head."Id";
+
+-- name: complete_task
+-- Delete a finished task if the caller's lease still holds; renew the lease and count a start
+-- of the next task (when continuing), or release the lease (when stopping).
+WITH lease AS (
+    UPDATE "BatchLocks"
+    SET "LockedAt" = statement_timestamp(),
+        "LockedBy" = CASE WHEN %(keep_lease)s THEN "LockedBy" END
+    WHERE "BatchId" = %(batch_id)s
+      AND "FencingToken" = %(fencing_token)s
+      AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
+    RETURNING "BatchId"
+),
+done AS (
+    DELETE FROM "Tasks" task
+    USING lease
+    WHERE task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
+    RETURNING task."Id"
+),
+next_started AS (
+    UPDATE "Tasks" task
+    SET "Attempts" = task."Attempts" + 1
+    WHERE %(keep_lease)s
+      AND task."Id" = (
+          SELECT next."Id"
+          FROM "Tasks" next
+          JOIN lease ON lease."BatchId" = next."BatchId"
+          WHERE next."Id" > %(task_id)s
+          ORDER BY next."Id"
+          LIMIT 1
+      )
+)
+SELECT (SELECT count(*) FROM lease) AS lease_held, (SELECT count(*) FROM done) AS deleted;
+
+-- name: record_failure
+-- Keep a failed task at the head with its error and a not-before time, and release the lease
+-- so the batch is retried after the backoff; nothing changes if the lease was lost.
+WITH lease AS (
+    UPDATE "BatchLocks"
+    SET "LockedBy" = NULL, "LockedAt" = statement_timestamp()
+    WHERE "BatchId" = %(batch_id)s
+      AND "FencingToken" = %(fencing_token)s
+      AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
+    RETURNING "BatchId"
+)
+UPDATE "Tasks" task
+SET "LastError" = %(error)s,
+    "NotBefore" = statement_timestamp() + make_interval(secs => %(retry_delay_seconds)s)
+FROM lease
+WHERE task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
+RETURNING task."Id";
+
+-- name: release_lease
+-- Give the lease back, if the caller still holds it; "LockedAt" keeps the time it was last
+-- worked, which orders claims so that no batch starves.
+UPDATE "BatchLocks"
+SET "LockedBy" = NULL, "LockedAt" = statement_timestamp()
+WHERE "BatchId" = %(batch_id)s AND "FencingToken" = %(fencing_token)s
+  AND "LockedBy" IS NOT NULL
+RETURNING "BatchId";
+
+-- name: batch_stats
+-- Per batch: pending tasks, the age of the oldest, the lease owner and when the lease expires.
+SELECT lease."BatchId" AS batch_id,
+       count(task."Id") AS pending,
+       statement_timestamp() - min(task."EnqueuedAt") AS oldest_pending_age,
+       lease."LockedBy" AS owner,
+       CASE WHEN lease."LockedBy" IS NOT NULL
+            THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
+           AS lease_expires_at
+FROM "BatchLocks" lease
+LEFT JOIN "Tasks" task ON task."BatchId" = lease."BatchId"
+GROUP BY lease."BatchId"
+ORDER BY lease."BatchId";

@@ -1,0 +1,1 @@
+"""The Lambda edge of the queue: events in, responses out, Powertools wiring."""

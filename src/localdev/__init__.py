@@ -1,0 +1,1 @@
+"""Local development helpers: the embedded PostgreSQL server and the demo run."""

@@ -1,0 +1,37 @@
+"""The named queries of sql/queries.sql, loaded once by name."""
+
+from functools import cache
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# In the repository sql/ sits beside src/; in the deployed package, beside queue_core/.
+_SQL_DIRS = (_HERE.parent / "sql", _HERE.parent.parent / "sql")
+
+
+def sql_dir() -> Path:
+    for candidate in _SQL_DIRS:
+        if (candidate / "queries.sql").is_file():
+            return candidate
+    raise FileNotFoundError(f"no sql/queries.sql beside {_HERE.parent}")
+
+
+@cache
+def _load() -> dict[str, str]:
+    named: dict[str, str] = {}
+    name = None
+    lines: list[str] = []
+    for line in (sql_dir() / "queries.sql").read_text().splitlines():
+        if line.startswith("-- name:"):
+            if name:
+                named[name] = "\n".join(lines).strip().rstrip(";")
+            name, lines = line.removeprefix("-- name:").strip(), []
+        elif name and not line.startswith("--"):
+            lines.append(line)
+    if name:
+        named[name] = "\n".join(lines).strip().rstrip(";")
+    return named
+
+
+def query(name: str) -> str:
+    """The text of a named query; KeyError names an unknown one."""
+    return _load()[name]

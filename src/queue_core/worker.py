@@ -1,0 +1,322 @@
+"""Working a batch: claim its lease, then take, process and delete its head, in order.
+
+Each task is one transaction: lock the head, run the processor, delete the head. The delete,
+its COMMIT, and the BEGIN and head lock of the next task travel in one pipeline, so a task
+costs about one round trip and one commit. Every write is fenced by the lease's token.
+"""
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import pq
+
+from queue_core.config import Settings
+from queue_core.db import ConnectionHolder, is_transient, retrying
+from queue_core.lease import claim_batch, release
+from queue_core.models import CompletedTask, Lease, Outcome, Task, WorkReport
+from queue_core.processor import Processor, load_processor
+from queue_core.queries import query
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
+
+class _HeadBusy:
+    """The head of the batch is locked by another transaction."""
+
+
+HEAD_BUSY = _HeadBusy()
+
+
+class Worker:
+    def __init__(
+        self,
+        connections: ConnectionHolder,
+        settings: Settings,
+        processor: Processor | None = None,
+        step_span: Callable[[str], AbstractContextManager] = lambda _name: (
+            nullcontext()
+        ),
+    ) -> None:
+        """step_span(name) wraps each database step, for tracing."""
+        self._connections = connections
+        self._settings = settings
+        self._processor = processor
+        self._span = step_span
+
+    def run(
+        self,
+        worker_id: str,
+        preferred_batch_id: str | None = None,
+        time_left: Callable[[], float] = lambda: math.inf,
+    ) -> WorkReport:
+        """Claim one batch and work it until it drains, time runs short or a task fails."""
+        report = WorkReport(worker_id)
+        if not self._time_for_a_task(time_left):
+            report.outcome = Outcome.TIME_UP
+            return report
+        processor = self._processor or load_processor(self._settings.task_processor)
+
+        with self._span("claim_batch"):
+            claim = self._retrying(
+                lambda: claim_batch(
+                    self._connections.get(),
+                    worker_id,
+                    self._settings.lease_seconds,
+                    preferred_batch_id,
+                )
+            )
+        if claim.lease is None:
+            report.outcome = (
+                Outcome.BATCH_BUSY if claim.busy_batch_ids else Outcome.NO_WORK
+            )
+            log.debug(
+                "nothing to claim",
+                extra={"action": report.outcome, "worker_id": worker_id},
+            )
+            return report
+
+        lease = claim.lease
+        report.batch_id = lease.batch_id
+        report.fencing_token = lease.fencing_token
+        report.taken_over_from = lease.taken_over_from
+        try:
+            self._work_batch(lease, processor, report, time_left)
+        except psycopg.Error as error:
+            if not is_transient(error):
+                raise
+            self._stop_after_database_error(lease, report, error)
+        return report
+
+    def _work_batch(
+        self,
+        lease: Lease,
+        processor: Processor,
+        report: WorkReport,
+        time_left: Callable[[], float],
+    ) -> None:
+        conn = self._connections.get()
+        with self._span("lock_head"):
+            conn.execute("BEGIN")
+            head = self._lock_head(conn, lease)
+        while True:
+            if head is None or head is HEAD_BUSY:
+                conn.execute("ROLLBACK")
+                still_held = self._retrying(
+                    lambda: release(self._connections.get(), lease)
+                )
+                if head is HEAD_BUSY:
+                    report.outcome = Outcome.BATCH_BUSY
+                else:
+                    report.outcome = (
+                        Outcome.DRAINED if still_held else Outcome.LEASE_LOST
+                    )
+                return
+
+            task = head
+            started = time.monotonic()
+            started_at = datetime.now(UTC)
+            try:
+                processor(task)
+            except Exception as error:
+                conn.execute("ROLLBACK")
+                self._record_failure(lease, task, error, report)
+                return
+            duration_ms = (time.monotonic() - started) * 1000
+
+            keep_lease = self._time_for_a_task(time_left)
+            with self._span("complete_task"):
+                lease_held, head = self._complete(conn, lease, task, keep_lease)
+            if not lease_held:
+                self._end_transaction(conn)
+                report.outcome = Outcome.LEASE_LOST
+                log.warning(
+                    "lease lost, task left pending",
+                    extra={**_fields(lease, task), "action": "lease_lost"},
+                )
+                return
+
+            self._log_completion(lease, task, duration_ms, started_at)
+            report.completed.append(
+                CompletedTask(task.id, task.batch_id, task.attempt, duration_ms)
+            )
+            if not keep_lease:
+                report.outcome = Outcome.TIME_UP
+                return
+
+    def _lock_head(
+        self, conn: psycopg.Connection, lease: Lease
+    ) -> Task | _HeadBusy | None:
+        row = conn.execute(
+            query("lock_head"), _lease_params(lease, self._settings)
+        ).fetchone()
+        return _head_from_row(lease, row)
+
+    def _complete(
+        self, conn: psycopg.Connection, lease: Lease, task: Task, keep_lease: bool
+    ) -> tuple[bool, Task | _HeadBusy | None]:
+        """Delete the task and commit; when keeping the lease, begin the next and lock its head.
+
+        One pipeline: a single round trip to the server.
+        """
+        params = {
+            **_lease_params(lease, self._settings),
+            "task_id": task.id,
+            "keep_lease": keep_lease,
+        }
+        next_head = None
+        with conn.pipeline():
+            done = conn.execute(query("complete_task"), params)
+            conn.execute("COMMIT")
+            if keep_lease:
+                conn.execute("BEGIN")
+                next_head = conn.execute(
+                    query("lock_head"), _lease_params(lease, self._settings)
+                )
+        lease_held, deleted = done.fetchone()
+        if not lease_held:
+            return False, None
+        if not deleted:
+            # The lease held, so nobody else could delete it: the row was already gone.
+            log.warning(
+                "completed task was already deleted", extra=_fields(lease, task)
+            )
+        if next_head is None:
+            return True, None
+        return True, _head_from_row(lease, next_head.fetchone())
+
+    def _record_failure(
+        self, lease: Lease, task: Task, error: Exception, report: WorkReport
+    ) -> None:
+        delay = self._retry_delay(task.attempt)
+        message = clean_error(error)
+        with self._span("record_failure"):
+            recorded = self._retrying(
+                lambda: (
+                    self._connections.get()
+                    .execute(
+                        query("record_failure"),
+                        {
+                            **_lease_params(lease, self._settings),
+                            "task_id": task.id,
+                            "error": message,
+                            "retry_delay_seconds": delay,
+                        },
+                    )
+                    .fetchone()
+                )
+            )
+        report.outcome = Outcome.TASK_FAILED if recorded else Outcome.LEASE_LOST
+        report.failed_task_id = task.id
+        report.error = message
+        log.warning(
+            "task failed, kept at the head of its batch",
+            extra={
+                **_fields(lease, task),
+                "action": "task_failed",
+                "error": message,
+                "retry_in_seconds": round(delay, 3),
+            },
+        )
+
+    def _stop_after_database_error(
+        self, lease: Lease, report: WorkReport, error: psycopg.Error
+    ) -> None:
+        """The transaction in flight is gone; give the lease back so the batch goes on soon."""
+        log.warning(
+            "database error while working a batch; stopping",
+            extra={
+                **_lease_fields(lease),
+                "action": "db_error",
+                "error_class": type(error).__name__,
+            },
+        )
+        report.outcome = Outcome.LEASE_LOST
+        report.error = type(error).__name__
+        self._connections.discard()
+        try:
+            self._retrying(lambda: release(self._connections.get(), lease))
+        except Exception:
+            log.warning("could not release the lease; it will expire", exc_info=True)
+
+    def _end_transaction(self, conn: psycopg.Connection) -> None:
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+
+    def _retry_delay(self, attempt: int) -> float:
+        base = self._settings.retry_base_seconds * 2 ** max(attempt - 1, 0)
+        capped = min(self._settings.retry_max_seconds, base)
+        return capped * random.uniform(0.5, 1.0)
+
+    def _time_for_a_task(self, time_left: Callable[[], float]) -> bool:
+        needed = (
+            self._settings.task_budget_seconds + self._settings.safety_margin_seconds
+        )
+        return time_left() > needed
+
+    def _retrying(self, step):
+        return retrying(
+            step, on_retry=lambda _error: self._connections.discard_if_broken()
+        )
+
+    def _log_completion(
+        self, lease: Lease, task: Task, duration_ms: float, started_at: datetime
+    ) -> None:
+        log.info(
+            "task completed",
+            extra={
+                **_fields(lease, task),
+                "action": "task_completed",
+                "attempt": task.attempt,
+                "duration_ms": round(duration_ms, 3),
+                "started_at": started_at.isoformat(),
+                "completed_at": datetime.now(UTC).isoformat(),
+            },
+        )
+
+
+def clean_error(error: BaseException) -> str:
+    """Error text that can always be stored: no NUL, valid UTF-8, bounded length."""
+    text = f"{type(error).__name__}: {error}".replace("\x00", "")
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text[:MAX_ERROR_CHARS]
+
+
+def _head_from_row(lease: Lease, row) -> Task | _HeadBusy | None:
+    if row is None:
+        return None
+    head_id, task_id, payload, attempts, enqueued_at = row
+    if task_id is None:
+        log.info(
+            "head held by another transaction",
+            extra={**_lease_fields(lease), "action": "head_busy", "task_id": head_id},
+        )
+        return HEAD_BUSY
+    return Task(task_id, lease.batch_id, payload, attempts, enqueued_at)
+
+
+def _lease_params(lease: Lease, settings: Settings) -> dict[str, object]:
+    return {
+        "batch_id": lease.batch_id,
+        "fencing_token": lease.fencing_token,
+        "lease_seconds": settings.lease_seconds,
+    }
+
+
+def _lease_fields(lease: Lease) -> dict[str, object]:
+    return {
+        "batch_id": lease.batch_id,
+        "worker_id": lease.worker_id,
+        "lease_token": lease.fencing_token,
+    }
+
+
+def _fields(lease: Lease, task: Task) -> dict[str, object]:
+    return {**_lease_fields(lease), "task_id": task.id}
