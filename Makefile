@@ -37,3 +37,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# Called by `sam build` (BuildMethod: makefile): the deployed package has src/'s packages and
+# sql/ at its root, and the runtime requirements built for Lambda's arm64 Python 3.12.
+build-QueueWorkerFunction:
+	cp -r src/handler src/queue_core sql "$(ARTIFACTS_DIR)/"
+	python3 -m pip install --quiet -r requirements.txt -t "$(ARTIFACTS_DIR)" \
+		--platform manylinux2014_aarch64 --implementation cp --python-version 3.12 \
+		--only-binary=:all:

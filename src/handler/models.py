@@ -8,7 +8,7 @@ WORKER_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"
 
 
 class WorkRequest(BaseModel):
-    """What to work: the body of POST /process-task, a direct invoke, or a schedule's Input."""
+    """What to work: a POST /process-task body, a direct invoke, a schedule Input."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 

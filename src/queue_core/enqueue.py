@@ -19,7 +19,7 @@ def enqueue(
     *,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
-    """Append one task to a batch; returns its id. Commits only if conn is autocommit."""
+    """Append one task to a batch; returns its id. Commits only in autocommit."""
     return enqueue_many(
         conn, [(batch_id, payload)], max_payload_bytes=max_payload_bytes
     )[0]

@@ -6,7 +6,7 @@ class QueueError(Exception):
 
 
 class InvalidInput(QueueError, ValueError):
-    """A value given to the queue breaks a rule; the message names the field and the rule."""
+    """A value breaks a rule; the message names the field and the rule."""
 
     def __init__(self, field: str, rule: str) -> None:
         super().__init__(f"{field}: {rule}")

@@ -1,8 +1,8 @@
 """How a batch is claimed and given back: the lease row in "BatchLocks".
 
 A claim is one statement: it picks a batch whose head is ready, skipping lease rows that
-other claimers hold (FOR NO KEY UPDATE SKIP LOCKED), takes or takes over its lease with a
-new fencing token, and counts a start of the head in the same commit.
+other claimers hold (FOR NO KEY UPDATE SKIP LOCKED), takes or takes over its lease with
+a new fencing token, and counts a start of the head in the same commit.
 """
 
 import logging
@@ -20,7 +20,7 @@ MAX_BUSY_BATCHES = 8
 
 
 class ClaimResult:
-    """A lease, or None with the batches found ready but with their head held elsewhere."""
+    """A lease, or None and the ready batches whose head was held elsewhere."""
 
     __slots__ = ("busy_batch_ids", "lease")
 

@@ -1,7 +1,8 @@
 """Versioned schema migrations from sql/migrations, applied in order, once each.
 
-Safe to run twice and from two processes at once: the whole run holds a transaction-level
-advisory lock, and each file is recorded in "QueueMigrations" in the same transaction.
+Safe to run twice and from two processes at once: the whole run holds a transaction-
+level advisory lock, and each file is recorded in "QueueMigrations" in the same
+transaction.
 """
 
 import logging

@@ -14,7 +14,7 @@ Processor = Callable[[Task], object]
 
 
 def simulated_work(task: Task) -> None:
-    """Stand-in for the original 1-2 second job; SIMULATED_TASK_SECONDS sets "low-high"."""
+    """Stand-in for the original 1-2 s job; SIMULATED_TASK_SECONDS="low-high"."""
     low, high = _simulated_range(os.environ.get("SIMULATED_TASK_SECONDS", "1-2"))
     time.sleep(random.uniform(low, high))
 

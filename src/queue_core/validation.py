@@ -23,7 +23,7 @@ def check_batch_id(batch_id: object, field: str = "batchId") -> str:
 
 
 def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
-    """Serialize a payload to the JSON text stored in "Payload", enforcing its limits."""
+    """The JSON text stored in "Payload", after checking the payload's limits."""
     try:
         text = json.dumps(
             payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")

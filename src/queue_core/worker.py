@@ -1,8 +1,9 @@
 """Working a batch: claim its lease, then take, process and delete its head, in order.
 
-Each task is one transaction: lock the head, run the processor, delete the head. The delete,
-its COMMIT, and the BEGIN and head lock of the next task travel in one pipeline, so a task
-costs about one round trip and one commit. Every write is fenced by the lease's token.
+Each task is one transaction: lock the head, run the processor, delete the head. The
+delete, its COMMIT, and the BEGIN and head lock of the next task travel in one pipeline,
+so a task costs about one round trip and one commit. Every write is fenced by the
+lease's token.
 """
 
 import logging
@@ -57,7 +58,7 @@ class Worker:
         preferred_batch_id: str | None = None,
         time_left: Callable[[], float] = lambda: math.inf,
     ) -> WorkReport:
-        """Claim one batch and work it until it drains, time runs short or a task fails."""
+        """Claim one batch; work it until it drains, time runs short or a task fails."""
         report = WorkReport(worker_id)
         if not self._time_for_a_task(time_left):
             report.outcome = Outcome.TIME_UP
@@ -162,7 +163,7 @@ class Worker:
     def _complete(
         self, conn: psycopg.Connection, lease: Lease, task: Task, keep_lease: bool
     ) -> tuple[bool, Task | _HeadBusy | None]:
-        """Delete the task and commit; when keeping the lease, begin the next and lock its head.
+        """Delete the task and commit; if keeping the lease, lock the next head.
 
         One pipeline: a single round trip to the server.
         """
@@ -229,7 +230,7 @@ class Worker:
     def _stop_after_database_error(
         self, lease: Lease, report: WorkReport, error: psycopg.Error
     ) -> None:
-        """The transaction in flight is gone; give the lease back so the batch goes on soon."""
+        """The transaction in flight is gone: give the lease back, let others go on."""
         log.warning(
             "database error while working a batch; stopping",
             extra={
