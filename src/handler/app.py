@@ -165,6 +165,7 @@ def _record_metrics(report: WorkReport) -> None:
         Outcome.NO_WORK: "NoWorkInvocations",
         Outcome.BATCH_BUSY: "BatchBusyInvocations",
         Outcome.LEASE_LOST: "LeasesLost",
+        Outcome.DATABASE_ERROR: "DatabaseErrors",
     }
     if report.outcome in counted:
         metrics.add_metric(counted[report.outcome], MetricUnit.Count, 1)

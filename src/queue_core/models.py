@@ -36,6 +36,7 @@ class Outcome(StrEnum):
     TIME_UP = "time_up"  # the invocation's remaining time ran short
     TASK_FAILED = "task_failed"  # the head failed and waits for its retry
     LEASE_LOST = "lease_lost"  # the lease expired or was taken over
+    DATABASE_ERROR = "database_error"  # the connection failed mid-batch
 
 
 @dataclass(frozen=True)

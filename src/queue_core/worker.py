@@ -92,8 +92,13 @@ class Worker:
             self._work_batch(lease, processor, report, time_left)
         except psycopg.Error as error:
             if not is_transient(error):
+                self._connections.discard()
                 raise
             self._stop_after_database_error(lease, report, error)
+        except BaseException:
+            # Closing the connection rolls back the task in flight; the lease expires.
+            self._connections.discard()
+            raise
         return report
 
     def _work_batch(
@@ -239,7 +244,7 @@ class Worker:
                 "error_class": type(error).__name__,
             },
         )
-        report.outcome = Outcome.LEASE_LOST
+        report.outcome = Outcome.DATABASE_ERROR
         report.error = type(error).__name__
         self._connections.discard()
         try:
