@@ -175,8 +175,10 @@ def test_connection_closed_by_the_server_mid_task_leaves_the_task_for_one_redo(
     # WHEN the worker runs
     report = worker.run("worker-1")
 
-    # THEN it stops with the lease given back, the task kept with its start counted
-    assert report.outcome == Outcome.LEASE_LOST
+    # THEN it stops with a database error and the lease given back, the task kept with
+    # its start counted
+    assert report.outcome == Outcome.DATABASE_ERROR
+    assert report.error
     assert report.completed == []
     assert db.pending_ids(conn, "A") == ids
     assert db.task(conn, ids[0])["Attempts"] == 1
@@ -217,4 +219,45 @@ def test_a_killed_session_does_not_break_the_next_worker(conn, db_url):
     assert len(report.completed) == 1
     assert holder.get().info.backend_pid != pid
     assert isinstance(holder.get(), psycopg.Connection)
+    holder.discard()
+
+
+class Abort(BaseException):
+    """Escapes `except Exception`, as a timeout signal or SystemExit would."""
+
+
+def test_processor_escaping_with_a_base_exception_leaves_no_half_open_transaction(
+    conn, db_url
+):
+    # GIVEN batch A with two tasks, and a processor that aborts on the first attempt
+    ids = enqueue_many(conn, [("A", {"n": 0}), ("A", {"n": 1})])
+    seen: list[tuple[int, int]] = []
+
+    def processor(task):
+        seen.append((task.id, task.attempt))
+        if task.attempt == 1 and task.id == ids[0]:
+            raise Abort
+
+    holder = ConnectionHolder(db_url)
+    worker = Worker(holder, db.settings(db_url, LEASE_TIMEOUT_SECONDS=0.5), processor)
+
+    # WHEN a worker runs and the abort escapes it
+    with pytest.raises(Abort):
+        worker.run("worker-1")
+
+    # THEN the task in flight was rolled back, not deleted, its start counted
+    assert db.pending_ids(conn) == ids
+    assert db.task(conn, ids[0])["Attempts"] == 1
+
+    # WHEN the same warm worker runs again once the lease has expired
+    db.wait_until(
+        lambda: db.lease_expired(conn, "A", 0.5), timeout=10, what="the lease to expire"
+    )
+    report = worker.run("worker-2")
+
+    # THEN it works on a sound connection: the head again as attempt 2, then the next
+    assert report.outcome == Outcome.DRAINED
+    assert report.taken_over_from == "worker-1"
+    assert seen == [(ids[0], 1), (ids[0], 2), (ids[1], 1)]
+    assert db.pending_ids(conn) == []
     holder.discard()

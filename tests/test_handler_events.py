@@ -141,11 +141,12 @@ def test_invocation_without_time_for_a_task_claims_nothing(handler_app, conn, qu
 def test_worker_gives_the_batch_back_when_time_runs_short(
     handler_app, conn, queue, monkeypatch
 ):
-    # GIVEN tasks that take a while, and an invocation with time for only about one
-    monkeypatch.setenv("RECORD_SLEEP_SECONDS", "0.3")
+    # GIVEN tasks of 0.6 s, and an invocation with 0.5 s more than one task's budget
+    # and margin (2 s in all): time to start one task, not two
+    monkeypatch.setenv("RECORD_SLEEP_SECONDS", "0.6")
 
     # WHEN it is invoked
-    report, _ = invoke(handler_app, load_event("direct-invoke"), remaining_seconds=2.2)
+    report, _ = invoke(handler_app, load_event("direct-invoke"), remaining_seconds=2.5)
 
     # THEN it completes the head of C, then stops and releases C for the next worker
     assert report["outcome"] == "time_up"

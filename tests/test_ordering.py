@@ -2,11 +2,14 @@
 
 import collections
 import itertools
+import threading
 
+import psycopg
 import pytest
 
-from queue_core import enqueue_many
-from tests.support.db import pending_ids, table_state
+from queue_core import ConnectionHolder, Worker, enqueue_many
+from queue_core.lease import claim_batch
+from tests.support.db import pending_ids, settings, table_state
 from tests.support.processors import read_records
 
 BATCHES = ["A", "B", "C", "tenant-42:orders.v2"]
@@ -67,9 +70,13 @@ def test_ten_workers_complete_every_task_once_in_order_one_owner_per_batch(
         code = worker_processes.wait(process, timeout=120)
         assert code == 0, worker_processes.output(process)
 
-    # THEN the queue is empty
+    # THEN the queue is empty and no lease is left held
     assert pending_ids(conn) == []
-    assert table_state(conn)["tasks"] == []
+    state = table_state(conn)
+    assert state["tasks"] == []
+    assert [(lease[0], lease[1]) for lease in state["leases"]] == [
+        (batch, None) for batch in sorted(BATCHES)
+    ]
 
     # AND the reports say every task was completed exactly once
     reports = read_records(worker_processes.reports_file)
@@ -116,3 +123,68 @@ def test_ten_workers_complete_every_task_once_in_order_one_owner_per_batch(
     assert len({record["pid"] for record in starts}) > 1
     owners = {(record["batch_id"], record["pid"]) for record in starts}
     assert len(owners) > len(BATCHES)
+
+
+def test_claimers_racing_for_one_batch_get_one_lease(db_url, conn):
+    # GIVEN one batch with a task, and eight claimers on their own connections
+    enqueue_many(conn, [("A", {})])
+    connections = [psycopg.connect(db_url, autocommit=True) for _ in range(8)]
+    start = threading.Barrier(len(connections))
+    leases: list = [None] * len(connections)
+
+    def claim(number: int) -> None:
+        start.wait(timeout=30)
+        leases[number] = claim_batch(connections[number], f"worker-{number}", 300).lease
+
+    # WHEN they all claim at the same moment
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for connection in connections:
+        connection.close()
+
+    # THEN exactly one has the lease, and the head's start was counted once
+    winners = [lease for lease in leases if lease is not None]
+    assert len(winners) == 1
+    assert db_lease_owner(conn, "A") == winners[0].worker_id
+    assert conn.execute('SELECT "Attempts" FROM "Tasks"').fetchone() == (1,)
+
+
+def db_lease_owner(conn, batch_id: str) -> str | None:
+    return conn.execute(
+        'SELECT "LockedBy" FROM "BatchLocks" WHERE "BatchId" = %s', (batch_id,)
+    ).fetchone()[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit, documented in README (Guarantees: strict FIFO): ids are "
+    "drawn when a task is inserted but become visible when its transaction commits, "
+    "so a task enqueued in a caller's open transaction is worked after a later, "
+    "higher-id task of the same batch",
+)
+def test_task_enqueued_in_a_longer_transaction_keeps_its_place(db_url, conn):
+    # GIVEN batch A, and a caller whose own open transaction enqueues a task to it
+    enqueue_many(conn, [("A", {"n": 0})])
+    seen: list[int] = []
+    holder = ConnectionHolder(db_url)
+    worker = Worker(holder, settings(db_url), lambda task: seen.append(task.id))
+    worker.run("worker-0")
+    seen.clear()
+    with psycopg.connect(db_url) as caller:
+        first = enqueue_many(caller, [("A", {"n": 1})])[0]
+
+        # AND another producer enqueues the next task of A and commits at once
+        second = enqueue_many(conn, [("A", {"n": 2})])[0]
+        assert first < second
+
+        # WHEN a worker runs before the caller commits, and another after
+        worker.run("worker-1")
+        caller.commit()
+    worker.run("worker-2")
+    holder.discard()
+
+    # THEN the tasks were still worked in "Id" order
+    assert seen == [first, second]
