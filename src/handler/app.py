@@ -1,6 +1,8 @@
 """The Lambda handler: a scheduled tick, POST /process-task on the Function URL, or a
 direct invoke each start one worker, which claims a batch and works it in order."""
 
+import base64
+import binascii
 import json
 import os
 from contextlib import AbstractContextManager
@@ -60,7 +62,7 @@ def _trace_step(name: str) -> AbstractContextManager:
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
-    if isinstance(event, dict) and "http" in (event.get("requestContext") or {}):
+    if _is_function_url_event(event):
         logger.set_correlation_id(event["requestContext"].get("requestId"))
         return url_app.resolve(event, context)
 
@@ -85,18 +87,20 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
 
 @url_app.post("/process-task")
 def process_task() -> Response:
-    event = url_app.current_event
-    body = event.decoded_body or ""
-    if len(body.encode()) > MAX_BODY_BYTES:
-        return _http_error(
-            413, [{"field": "body", "rule": f"must be at most {MAX_BODY_BYTES} bytes"}]
-        )
+    body = url_app.current_event.body or ""
+    if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:
+        return _body_too_large()
     try:
-        document = json.loads(body) if body.strip() else {}
+        raw = _raw_body(body, url_app.current_event.is_base64_encoded)
+    except ValueError as error:
+        return _http_error(400, [{"field": "body", "rule": str(error)}])
+    if len(raw) > MAX_BODY_BYTES:
+        return _body_too_large()
+    try:
+        document = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as error:
-        return _http_error(
-            400, [{"field": "body", "rule": f"must be valid JSON ({error.msg})"}]
-        )
+        problem = {"field": "body", "rule": f"must be valid JSON ({error.msg})"}
+        return _http_error(400, [problem])
 
     try:
         request = parse(event=document, model=WorkRequest)
@@ -171,6 +175,36 @@ def _record_metrics(report: WorkReport) -> None:
         metrics.add_metric(counted[report.outcome], MetricUnit.Count, 1)
     if report.taken_over_from:
         metrics.add_metric("LeaseTakeovers", MetricUnit.Count, 1)
+
+
+def _raw_body(body: str, is_base64: bool) -> bytes:
+    """The request body as bytes of UTF-8 text; ValueError says what is wrong."""
+    if is_base64:
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except binascii.Error:
+            raise ValueError("must be valid base64 (isBase64Encoded is true)") from None
+    else:
+        raw = body.encode("utf-8", "surrogatepass")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("must be UTF-8 text") from None
+    return raw
+
+
+def _body_too_large() -> Response:
+    rule = f"must be at most {MAX_BODY_BYTES} bytes"
+    return _http_error(413, [{"field": "body", "rule": rule}])
+
+
+def _is_function_url_event(event: Any) -> bool:
+    if not isinstance(event, dict):
+        return False
+    request_context = event.get("requestContext")
+    return isinstance(request_context, dict) and isinstance(
+        request_context.get("http"), dict
+    )
 
 
 def _is_scheduled_event(event: Any) -> bool:

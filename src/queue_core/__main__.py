@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+
 from queue_core.config import Settings
 from queue_core.db import connect
 from queue_core.enqueue import enqueue_many
@@ -29,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except QueueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as error:
+        # libpq's message names host and port, never the password.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"error: cannot reach the database: {reason}", file=sys.stderr)
         return 1
 
 

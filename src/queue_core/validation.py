@@ -35,10 +35,6 @@ def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
             field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
         ) from None
 
-    if "\\u0000" in text:
-        raise InvalidInput(
-            field, "must not contain NUL characters (PostgreSQL rejects them)"
-        )
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
@@ -49,20 +45,30 @@ def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
         raise InvalidInput(
             field, f"must be at most {max_bytes} bytes as JSON, got {size}"
         )
-    if _depth(payload) > MAX_PAYLOAD_DEPTH:
+    depth, has_nul = _inspect(payload)
+    if has_nul:
+        raise InvalidInput(
+            field, "must not contain NUL characters (PostgreSQL rejects them)"
+        )
+    if depth > MAX_PAYLOAD_DEPTH:
         raise InvalidInput(field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels")
     return text
 
 
-def _depth(value: Any) -> int:
+def _inspect(value: Any) -> tuple[int, bool]:
+    """How deep the containers nest, and whether any key or string holds a NUL."""
     deepest = 0
+    has_nul = False
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
+        if isinstance(item, str):
+            has_nul = has_nul or "\x00" in item
+        elif isinstance(item, dict):
             deepest = max(deepest, depth)
+            has_nul = has_nul or any("\x00" in str(key) for key in item)
             stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, list | tuple):
             deepest = max(deepest, depth)
             stack.extend((child, depth + 1) for child in item)
-    return deepest
+    return deepest, has_nul
