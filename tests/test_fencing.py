@@ -1,6 +1,7 @@
 """A stale owner is fenced off: once its lease is taken over, its writes do nothing."""
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -190,3 +191,40 @@ def test_release_by_a_stale_owner_leaves_the_new_owners_lease(conn, second_conn)
     assert released == [False, False]
     assert db.table_state(conn) == before
     assert db.lease(conn, "A")["LockedBy"] == "worker-3"
+
+
+def test_each_completion_renews_the_lease_so_a_long_batch_keeps_its_owner(conn, db_url):
+    # GIVEN batch A whose tasks together take longer than the lease, each far shorter
+    ids = enqueue_many(conn, [("A", {"n": n}) for n in range(8)])
+    lease_settings = db.settings(db_url, LEASE_TIMEOUT_SECONDS=1.5)
+    owner_seen: list[int] = []
+
+    owner_started = threading.Event()
+
+    def slow(task):
+        owner_seen.append(task.id)
+        owner_started.set()
+        time.sleep(0.25)
+
+    owner = Worker(ConnectionHolder(db_url), lease_settings, slow)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(owner.run("owner")))
+
+    # WHEN the owner works it while a rival keeps trying to claim it
+    rival_seen: list[int] = []
+    rival_holder = ConnectionHolder(db_url)
+    rival = Worker(rival_holder, lease_settings, lambda t: rival_seen.append(t.id))
+    thread.start()
+    assert owner_started.wait(timeout=30)
+    rival_outcomes = set()
+    while thread.is_alive():
+        rival_outcomes.add(rival.run("rival").outcome)
+        time.sleep(0.05)
+    thread.join()
+    rival_holder.discard()
+
+    # THEN the owner kept the lease to the end and worked every task, the rival none
+    assert outcome[0].outcome == Outcome.DRAINED
+    assert owner_seen == ids
+    assert rival_seen == []
+    assert rival_outcomes <= {Outcome.NO_WORK, Outcome.BATCH_BUSY}
