@@ -192,7 +192,10 @@ def test_bad_line_in_a_file_refuses_the_whole_file(db_url, conn, tmp_path):
 
 
 def test_missing_database_url_exits_2_with_a_clear_message():
+    # WHEN enqueue runs without DATABASE_URL
     result = cli("enqueue", "--batch", "A", database_url=None)
+
+    # THEN it exits 2 saying what is missing
     assert result.returncode == 2
     assert result.stderr.strip() == "error: DATABASE_URL is not set"
 

@@ -48,8 +48,11 @@ def test_enqueue_many_returns_ids_in_the_order_given(conn):
 
 
 def test_later_calls_get_higher_ids(conn):
+    # WHEN tasks are enqueued by one call, then by another
     first = enqueue(conn, "A", {})
     second = enqueue_many(conn, [("A", {}), ("B", {})])
+
+    # THEN the later call's ids are higher, whatever the batch
     assert first < second[0] < second[1]
 
 
@@ -117,8 +120,11 @@ def test_bad_task_is_refused_naming_the_field_and_nothing_is_written(conn, task,
 
 
 def test_enqueue_one_names_the_field_too(conn):
+    # WHEN a single task of a badly named batch is enqueued
     with pytest.raises(InvalidInput) as refused:
         enqueue(conn, "bad batch", {})
+
+    # THEN the error names the batch id, and nothing was written
     assert "batchId" in refused.value.field
     assert db.table_state(conn) == {"tasks": [], "leases": []}
 
@@ -137,8 +143,11 @@ def test_payload_limits_are_inclusive(conn):
 
 
 def test_no_tasks_is_refused(conn):
+    # WHEN no tasks at all are enqueued
     with pytest.raises(InvalidInput) as refused:
         enqueue_many(conn, [])
+
+    # THEN the call is refused, naming the list
     assert refused.value.field == "tasks"
 
 

@@ -299,8 +299,11 @@ def test_bad_http_request_is_refused_and_changes_nothing(
 
 
 def test_default_request_size_limit_is_16_kib(handler_app):
+    # GIVEN MAX_REQUEST_BYTES is not set
     if os.environ.get("MAX_REQUEST_BYTES"):
         pytest.skip("MAX_REQUEST_BYTES is set in this environment")
+
+    # THEN Function URL bodies are limited to 16 KiB
     assert handler_app.MAX_BODY_BYTES == 16 * 1024
 
 
@@ -354,10 +357,12 @@ def test_bad_direct_invoke_is_refused_and_changes_nothing(
 def test_incomplete_scheduled_event_is_refused(handler_app, conn, queue):
     before = db.table_state(conn)
 
+    # WHEN a direct invoke looks like a scheduled event but lacks its fields
     answer, _ = invoke(
         handler_app, {"detail-type": "Scheduled Event", "source": "aws.events"}
     )
 
+    # THEN it is refused like any other bad event, and nothing changes
     assert answer["error"] == "invalid_request"
     assert db.table_state(conn) == before
 
@@ -371,10 +376,12 @@ def test_incomplete_scheduled_event_is_refused(handler_app, conn, queue):
 def test_body_that_is_a_json_string_is_refused(handler_app, conn, queue, records_file):
     before = db.table_state(conn)
 
+    # WHEN the body is a JSON string (which happens to hold a JSON object)
     response, _ = invoke(
         handler_app, function_url_event(json.dumps('{"batchId": "B"}'))
     )
 
+    # THEN it is refused as not an object, and nothing is worked
     assert response["statusCode"] == 400
     assert db.table_state(conn) == before
     assert read_records(records_file) == []

@@ -82,6 +82,8 @@ def test_default_processor_simulates_work(handler_app, conn, monkeypatch):
     ["no_colon", "tests.support.processors:missing", "no.such.module:run", ":run"],
 )
 def test_unloadable_processor_is_a_configuration_error(spec):
+    # WHEN a TASK_PROCESSOR that cannot be loaded is asked for
+    # THEN the error is a configuration error naming the setting
     with pytest.raises(ConfigurationError, match="TASK_PROCESSOR"):
         load_processor(spec)
 
@@ -96,16 +98,21 @@ def test_unloadable_processor_is_a_configuration_error(spec):
     ],
 )
 def test_bad_setting_is_refused_naming_it(name, value):
+    # WHEN a setting is not a positive number
+    # THEN reading the settings fails, naming it
     with pytest.raises(ConfigurationError, match=name):
         Settings.from_env({"DATABASE_URL": "postgresql:///x", name: value})
 
 
 def test_settings_without_database_url_are_refused():
+    # WHEN DATABASE_URL is missing
+    # THEN reading the settings fails, naming it
     with pytest.raises(ConfigurationError, match="DATABASE_URL"):
         Settings.from_env({"LEASE_TIMEOUT_SECONDS": "2"})
 
 
 def test_settings_are_read_from_the_environment():
+    # WHEN settings are read from an environment
     settings = Settings.from_env(
         {
             "DATABASE_URL": "postgresql:///x",
@@ -115,6 +122,8 @@ def test_settings_are_read_from_the_environment():
             "TASK_PROCESSOR": "tests.support.processors:record",
         }
     )
+
+    # THEN each value is taken, and the URL (with its password) stays out of repr()
     assert (settings.lease_seconds, settings.task_budget_seconds) == (2.0, 0.5)
     assert settings.safety_margin_seconds == 0.25
     assert settings.task_processor == "tests.support.processors:record"

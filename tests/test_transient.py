@@ -32,15 +32,22 @@ PERMANENT = [
 
 @pytest.mark.parametrize("error_class", TRANSIENT, ids=lambda c: c.__name__)
 def test_conflicts_timeouts_and_shutdowns_are_transient(error_class):
+    # WHEN the server reports a conflict, a timeout or a shutdown
+    # THEN the same work is worth trying again
     assert is_transient(error_class("from the server"))
 
 
 @pytest.mark.parametrize("error_class", PERMANENT, ids=lambda c: c.__name__)
 def test_errors_in_the_request_itself_are_not_transient(error_class):
+    # WHEN the server refuses the request itself
+    # THEN trying it again would fail the same way: not transient
     assert not is_transient(error_class("from the server"))
 
 
 def test_a_lost_connection_without_sqlstate_is_transient():
+    # WHEN libpq reports a lost connection (no SQLSTATE), or the error is not the
+    # server's
+    # THEN only the lost connection is transient
     assert is_transient(psycopg.OperationalError("server closed the connection"))
     assert not is_transient(ValueError("not a database error"))
     assert not is_transient(psycopg.ProgrammingError("misuse of the driver"))
@@ -164,21 +171,33 @@ def test_transient_errors_are_retried_until_the_step_succeeds():
 
 
 def test_permanent_errors_are_not_retried():
+    # GIVEN a step that meets a unique violation
     step = FailingStep(errors.UniqueViolation("duplicate"))
+
+    # WHEN it is run with retries
+    # THEN the error is raised after the first call
     with pytest.raises(errors.UniqueViolation):
         retrying(step)
     assert step.calls == 1
 
 
 def test_retries_are_bounded_and_the_last_error_raised():
+    # GIVEN a step that keeps meeting serialization failures
     step = FailingStep(*[errors.SerializationFailure("again")] * 10)
+
+    # WHEN it is run with three attempts
+    # THEN the last failure is raised after the third call
     with pytest.raises(errors.SerializationFailure):
         retrying(step, attempts=3)
     assert step.calls == 3
 
 
 def test_an_unreachable_server_becomes_database_unavailable():
+    # GIVEN a step whose connection is always refused
     step = FailingStep(*[psycopg.OperationalError("connection refused")] * 10)
+
+    # WHEN it is run with retries
+    # THEN the caller gets DatabaseUnavailable, with the driver's error as its cause
     with pytest.raises(DatabaseUnavailable) as raised:
         retrying(step, attempts=2)
     assert step.calls == 2
