@@ -4,7 +4,6 @@ import base64
 import json
 import os
 
-import pydantic
 import pytest
 
 from queue_core import enqueue_many
@@ -347,13 +346,6 @@ def test_bad_direct_invoke_is_refused_and_changes_nothing(
 # ----------------------------------------- known defects: see the note in each reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pydantic.ValidationError,
-    reason="BUG handler/app.py lambda_handler: a direct invoke shaped like a scheduled "
-    "event but incomplete raises pydantic.ValidationError instead of an "
-    "invalid_request",
-)
 def test_incomplete_scheduled_event_is_refused(handler_app, conn, queue):
     before = db.table_state(conn)
 
@@ -367,12 +359,6 @@ def test_incomplete_scheduled_event_is_refused(handler_app, conn, queue):
     assert db.table_state(conn) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG handler/app.py process_task: a body that is a JSON string holding JSON "
-    "is decoded twice (Powertools parse() treats a str as JSON) and accepted, instead "
-    "of a 400 for a body that is not an object",
-)
 def test_body_that_is_a_json_string_is_refused(handler_app, conn, queue, records_file):
     before = db.table_state(conn)
 

@@ -67,7 +67,10 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         return url_app.resolve(event, context)
 
     if _is_scheduled_event(event):
-        tick = parse(event=event, model=EventBridgeModel)
+        try:
+            tick = parse(event=event, model=EventBridgeModel)
+        except ValidationError as error:
+            return _rejected(error, entry="schedule")
         logger.set_correlation_id(tick.id)
         return _work(WorkRequest(), context, entry="schedule")
 
@@ -100,6 +103,9 @@ def process_task() -> Response:
         document = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as error:
         problem = {"field": "body", "rule": f"must be valid JSON ({error.msg})"}
+        return _http_error(400, [problem])
+    if not isinstance(document, dict):
+        problem = {"field": "body", "rule": "must be a JSON object"}
         return _http_error(400, [problem])
 
     try:

@@ -122,7 +122,7 @@ def retrying(
 
     retryer = _Retrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
         stop=stop_after_attempt(attempts),
         before_sleep=before_sleep,
         reraise=True,
