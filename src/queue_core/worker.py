@@ -111,7 +111,9 @@ class Worker:
             if head is None or head is HEAD_BUSY:
                 conn.execute("ROLLBACK")
                 still_held = self._retrying(
-                    lambda: release(self._connections.get(), lease)
+                    lambda empty=head is None: release(
+                        self._connections.get(), lease, found_empty=empty
+                    )
                 )
                 if head is HEAD_BUSY:
                     report.outcome = Outcome.BATCH_BUSY
