@@ -82,6 +82,9 @@ async def _pgqueuer(url: str, barrier) -> tuple:
     done = 0
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
     manager = QueueManager(Queries(PsycopgDriver(conn)))
+    # Its 0.1 s pause between polls while work is eligible would dominate a drain of
+    # jobs enqueued before it started (no NOTIFY arrives): re-poll at once instead.
+    manager.min_dequeue_poll_interval = _seconds(0)
 
     @manager.entrypoint("noop")
     async def noop(job: Any) -> None:
