@@ -229,21 +229,19 @@ SELECT
      FROM (
          SELECT
          FROM "BatchLocks" lease
+         -- The head of each marked batch, one index probe each; a stale marker has none.
+         CROSS JOIN LATERAL (
+             SELECT head."NotBefore"
+             FROM "Tasks" head
+             WHERE head."BatchId" = lease."BatchId"
+             ORDER BY head."Id"
+             LIMIT 1
+         ) AS head
          WHERE lease."MaybePending"
            AND (lease."LockedBy" IS NULL
                 OR lease."LockedAt" <= statement_timestamp()
                                        - make_interval(secs => %(lease_seconds)s))
-           AND NOT EXISTS (
-               SELECT FROM (
-                   SELECT head."NotBefore"
-                   FROM "Tasks" head
-                   WHERE head."BatchId" = lease."BatchId"
-                   ORDER BY head."Id"
-                   LIMIT 1
-               ) AS head
-               WHERE head."NotBefore" > statement_timestamp()
-           )
-           AND EXISTS (SELECT FROM "Tasks" task WHERE task."BatchId" = lease."BatchId")
+           AND (head."NotBefore" IS NULL OR head."NotBefore" <= statement_timestamp())
          LIMIT %(limit)s
      ) AS claimable) AS claimable,
     (SELECT count(*)
