@@ -9,13 +9,24 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
 
-.PHONY: run test lint format db-url db-stop clean
+.PHONY: run test lint format db-url db-stop clean bench bench-quick
 
 run: $(VENV)/.installed  ## migrate, enqueue a demo workload, run 8 workers, check the order
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.demo
 
 test: $(VENV)/.installed  ## the test suite, on a real PostgreSQL
 	DATABASE_URL="$(DB_URL)" $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.bench-installed  ## the benchmark (BENCH_ARGS=--quick for minutes)
+	DATABASE_URL="$(DB_URL)" $(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench-installed
+	DATABASE_URL="$(DB_URL)" $(PY) -m bench --quick $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
+	$(PY) -m pip install --quiet -r bench/requirements.txt || \
+		echo "bench: peers not installed; the benchmark will say so and go on"
+	touch $@
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -20,16 +20,20 @@ RETURNING "Id";
 
 -- name: claim_batch
 -- Claim the lease of one batch whose head is ready (the preferred batch first, then the least
--- recently worked one) and count a start of its head. Competing claimers skip each other's
--- lease rows; a head still locked by a frozen former owner is reported, never skipped.
-WITH candidate AS MATERIALIZED (
+-- recently worked one, walking the index of batches that may have work) and count a start of
+-- its head. Competing claimers skip each other's lease rows; a head still locked by a frozen
+-- former owner is reported, never skipped; a batch found empty is reported (has_head false)
+-- so that the caller clears its stale marker.
+WITH preferred AS MATERIALIZED (
     SELECT lease."BatchId", lease."LockedBy" AS previous_owner
     FROM "BatchLocks" lease
-    WHERE (lease."LockedBy" IS NULL
+    WHERE lease."BatchId" = %(preferred_batch_id)s
+      AND lease."MaybePending"
+      AND (lease."LockedBy" IS NULL
            OR lease."LockedAt" <= statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s))
       AND lease."BatchId" <> ALL (%(busy_batch_ids)s::text[])
-      AND EXISTS (
+      AND NOT EXISTS (
           SELECT FROM (
               SELECT head."NotBefore"
               FROM "Tasks" head
@@ -37,12 +41,37 @@ WITH candidate AS MATERIALIZED (
               ORDER BY head."Id"
               LIMIT 1
           ) AS head
-          WHERE head."NotBefore" IS NULL OR head."NotBefore" <= statement_timestamp()
+          WHERE head."NotBefore" > statement_timestamp()
       )
-    ORDER BY (lease."BatchId" = %(preferred_batch_id)s) IS TRUE DESC,
-             lease."LockedAt" ASC NULLS FIRST
+    FOR NO KEY UPDATE OF lease SKIP LOCKED
+),
+least_recent AS MATERIALIZED (
+    SELECT lease."BatchId", lease."LockedBy" AS previous_owner
+    FROM "BatchLocks" lease
+    WHERE NOT EXISTS (SELECT FROM preferred)
+      AND lease."MaybePending"
+      AND (lease."LockedBy" IS NULL
+           OR lease."LockedAt" <= statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s))
+      AND lease."BatchId" <> ALL (%(busy_batch_ids)s::text[])
+      AND NOT EXISTS (
+          SELECT FROM (
+              SELECT head."NotBefore"
+              FROM "Tasks" head
+              WHERE head."BatchId" = lease."BatchId"
+              ORDER BY head."Id"
+              LIMIT 1
+          ) AS head
+          WHERE head."NotBefore" > statement_timestamp()
+      )
+    ORDER BY lease."LockedAt" ASC NULLS FIRST, lease."BatchId"
     LIMIT 1
     FOR NO KEY UPDATE OF lease SKIP LOCKED
+),
+candidate AS MATERIALIZED (
+    SELECT * FROM preferred
+    UNION ALL
+    SELECT * FROM least_recent
 ),
 head AS MATERIALIZED (
     SELECT task."Id"
@@ -76,8 +105,14 @@ claimed AS (
 )
 SELECT candidate."BatchId",
        candidate.previous_owner,
-       (SELECT "FencingToken" FROM claimed) AS fencing_token
+       (SELECT "FencingToken" FROM claimed) AS fencing_token,
+       EXISTS (SELECT FROM head) AS has_head
 FROM candidate;
+
+-- name: clear_marker
+-- Clear the pending-work marker of a batch found empty, unless a transaction that inserted
+-- into it is still open (see queue_clear_marker in the migrations); true when cleared.
+SELECT queue_clear_marker(%(batch_id)s);
 
 -- name: lock_head
 -- Lock the head of a batch for processing, if the caller's lease still holds. Returns no row
@@ -106,10 +141,17 @@ LEFT JOIN locked ON locked."Id" = head."Id";
 
 -- name: complete_task
 -- Delete a finished task if the caller's lease still holds; renew the lease and count a start
--- of the next task (when continuing), or release the lease (when stopping).
+-- of the next task (when continuing), or release the lease (when stopping). The row is always
+-- locked, which fences the delete; "LockedAt" moves only once a tenth of the lease has
+-- passed, so that most completions leave the indexed columns alone (a HOT update).
 WITH lease AS (
     UPDATE "BatchLocks"
-    SET "LockedAt" = statement_timestamp(),
+    SET "LockedAt" = CASE
+            WHEN NOT %(keep_lease)s
+                 OR "LockedAt" <= statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s / 10.0)
+            THEN statement_timestamp()
+            ELSE "LockedAt" END,
         "LockedBy" = CASE WHEN %(keep_lease)s THEN "LockedBy" END
     WHERE "BatchId" = %(batch_id)s
       AND "FencingToken" = %(fencing_token)s
@@ -177,3 +219,38 @@ FROM "BatchLocks" lease
 LEFT JOIN "Tasks" task ON task."BatchId" = lease."BatchId"
 GROUP BY lease."BatchId"
 ORDER BY lease."BatchId";
+
+-- name: dispatch_status
+-- For the scheduled tick, in one statement: how many batches could be claimed now (counted up
+-- to a limit) and how many leases are held. Both walk the index of batches that may have
+-- work, so an idle queue answers from an empty index.
+SELECT
+    (SELECT count(*)
+     FROM (
+         SELECT
+         FROM "BatchLocks" lease
+         -- The head of each marked batch, one index probe each; a stale marker has none.
+         CROSS JOIN LATERAL (
+             SELECT head."NotBefore"
+             FROM "Tasks" head
+             WHERE head."BatchId" = lease."BatchId"
+             ORDER BY head."Id"
+             LIMIT 1
+         ) AS head
+         WHERE lease."MaybePending"
+           AND (lease."LockedBy" IS NULL
+                OR lease."LockedAt" <= statement_timestamp()
+                                       - make_interval(secs => %(lease_seconds)s))
+           AND (head."NotBefore" IS NULL OR head."NotBefore" <= statement_timestamp())
+         LIMIT %(limit)s
+     ) AS claimable) AS claimable,
+    (SELECT count(*)
+     FROM (
+         SELECT
+         FROM "BatchLocks" lease
+         WHERE lease."MaybePending"
+           AND lease."LockedBy" IS NOT NULL
+           AND lease."LockedAt" > statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s)
+         LIMIT %(limit)s
+     ) AS held) AS held;

@@ -1,5 +1,7 @@
-"""The Lambda handler: a scheduled tick, POST /process-task on the Function URL, or a
-direct invoke each start one worker, which claims a batch and works it in order."""
+"""The Lambda handler: POST /process-task on the Function URL or a direct invoke start
+one worker, which claims a batch and works it in order; the scheduled tick dispatches:
+one query tells it what is claimable, then it starts more workers (asynchronous
+invocations of this function, up to MAX_CONCURRENCY) and works one batch itself."""
 
 import base64
 import binascii
@@ -26,6 +28,8 @@ from queue_core import (
     Worker,
     WorkReport,
 )
+from queue_core.db import retrying
+from queue_core.dispatch import DispatchPlan, plan_dispatch
 
 MAX_BODY_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 16 * 1024))
 
@@ -42,16 +46,21 @@ _settings: Settings | None = None
 _connections: ConnectionHolder | None = None
 
 
-def _worker() -> Worker:
+def _state() -> tuple[Settings, ConnectionHolder]:
     global _settings, _connections
-    if _connections is None:
+    if _connections is None or _settings is None:
         _settings = Settings.from_env()
         _connections = ConnectionHolder(
             _settings.database_url,
             connect_timeout=_settings.connect_timeout_seconds,
             application_name="task-queue-worker",
         )
-    return Worker(_connections, _settings, step_span=_trace_step)
+    return _settings, _connections
+
+
+def _worker() -> Worker:
+    settings, connections = _state()
+    return Worker(connections, settings, step_span=_trace_step)
 
 
 def _trace_step(name: str) -> AbstractContextManager:
@@ -72,7 +81,7 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         except ValidationError as error:
             return _rejected(error, entry="schedule")
         logger.set_correlation_id(tick.id)
-        return _work(WorkRequest(), context, entry="schedule")
+        return _dispatch(context)
 
     if not isinstance(event, dict):
         problems = [{"field": "event", "rule": "must be a JSON object"}]
@@ -145,25 +154,73 @@ def database_unavailable(error: DatabaseUnavailable) -> Response:
     )
 
 
+def _dispatch(context: LambdaContext) -> dict[str, Any]:
+    """The scheduled tick. Idle, it costs this one query and nothing else."""
+    settings, connections = _state()
+    with tracer.provider.in_subsegment("## plan_dispatch"):
+        plan = retrying(
+            lambda: plan_dispatch(
+                connections.get(), settings.lease_seconds, settings.max_concurrency
+            ),
+            on_retry=lambda _error: connections.discard_if_broken(),
+        )
+    started = _start_others(plan, settings, context)
+    logger.info(
+        "tick dispatched",
+        extra={"action": "dispatch", **plan.as_dict(), "started": started},
+    )
+
+    if plan.work_here:
+        response = _work(WorkRequest(), context, entry="schedule")
+    else:
+        logger.append_keys(worker_id=context.aws_request_id, entry="schedule")
+        idle = WorkReport(context.aws_request_id)
+        _record_metrics(idle)
+        response = idle.as_dict()
+    return {**response, "dispatch": {**plan.as_dict(), "started": started}}
+
+
+def _start_others(
+    plan: DispatchPlan, settings: Settings, context: LambdaContext
+) -> int:
+    if plan.start_others == 0:
+        return 0
+    # Imported here: boto3 is loaded only by a tick that fans out.
+    from handler.kick import start_workers
+
+    payload: dict[str, Any] = {}
+    if settings.worker_max_batches > 1:
+        payload["maxBatches"] = settings.worker_max_batches
+    started = start_workers(context.function_name, [payload] * plan.start_others)
+    metrics.add_metric("WorkersStarted", MetricUnit.Count, started)
+    return started
+
+
 def _work(request: WorkRequest, context: LambdaContext, entry: str) -> dict[str, Any]:
     worker_id = request.worker_id or context.aws_request_id
     logger.append_keys(worker_id=worker_id, entry=entry)
-    report = _worker().run(
+    settings, _ = _state()
+    reports = _worker().run_batches(
         worker_id,
         preferred_batch_id=request.batch_id,
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
+        max_batches=request.max_batches or settings.worker_max_batches,
     )
-    _record_metrics(report)
-    logger.info(
-        "worker finished",
-        extra={
-            "action": "worker_finished",
-            "outcome": report.outcome.value,
-            "batch_id": report.batch_id,
-            "completed": len(report.completed),
-        },
-    )
-    return report.as_dict()
+    for report in reports:
+        _record_metrics(report)
+        logger.info(
+            "worker finished",
+            extra={
+                "action": "worker_finished",
+                "outcome": report.outcome.value,
+                "batch_id": report.batch_id,
+                "completed": len(report.completed),
+            },
+        )
+    response = reports[0].as_dict()
+    if len(reports) > 1:
+        response["more"] = [report.as_dict() for report in reports[1:]]
+    return response
 
 
 def _record_metrics(report: WorkReport) -> None:

@@ -23,6 +23,14 @@ class WorkRequest(BaseModel):
         pattern=WORKER_ID_PATTERN,
         description="Who is working; defaults to the invocation's request id.",
     )
+    max_batches: int | None = Field(
+        default=None,
+        alias="maxBatches",
+        ge=1,
+        le=1000,
+        description="Batches to work in turn while time allows; default "
+        "WORKER_MAX_BATCHES.",
+    )
 
     @field_validator("batch_id")
     @classmethod
@@ -42,7 +50,7 @@ def describe_errors(error: ValidationError) -> list[dict[str, str]]:
         field = ".".join(str(part) for part in item["loc"]) or "body"
         rule = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            rule = "is not a known field (known: batchId, workerId)"
+            rule = "is not a known field (known: batchId, workerId, maxBatches)"
         elif item["type"] == "string_pattern_mismatch" and field == "workerId":
             rule = "must be 1-128 printable ASCII characters without spaces"
         problems.append({"field": field, "rule": rule})

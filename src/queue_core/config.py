@@ -19,6 +19,10 @@ class Settings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     task_processor: str = DEFAULT_PROCESSOR
+    # Workers the scheduled tick keeps running at most, itself included.
+    max_concurrency: int = 1
+    # Batches one invocation works in turn while time allows (the first one included).
+    worker_max_batches: int = 1
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -36,6 +40,8 @@ class Settings:
             retry_base_seconds=_positive(env, "RETRY_BASE_SECONDS", 2.0),
             retry_max_seconds=_positive(env, "RETRY_MAX_SECONDS", 300.0),
             task_processor=env.get("TASK_PROCESSOR", "").strip() or DEFAULT_PROCESSOR,
+            max_concurrency=int(_positive(env, "MAX_CONCURRENCY", 1)),
+            worker_max_batches=int(_positive(env, "WORKER_MAX_BATCHES", 1)),
         )
 
 

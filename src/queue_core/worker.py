@@ -101,6 +101,24 @@ class Worker:
             raise
         return report
 
+    def run_batches(
+        self,
+        worker_id: str,
+        preferred_batch_id: str | None = None,
+        time_left: Callable[[], float] = lambda: math.inf,
+        max_batches: int = 1,
+    ) -> list[WorkReport]:
+        """Like run(), then claim the next batch each time one drains, while time
+        allows, up to max_batches batches."""
+        reports = [self.run(worker_id, preferred_batch_id, time_left)]
+        while (
+            len(reports) < max_batches
+            and reports[-1].outcome == Outcome.DRAINED
+            and self._time_for_a_task(time_left)
+        ):
+            reports.append(self.run(worker_id, None, time_left))
+        return reports
+
     def _work_batch(
         self,
         lease: Lease,
@@ -116,7 +134,9 @@ class Worker:
             if head is None or head is HEAD_BUSY:
                 conn.execute("ROLLBACK")
                 still_held = self._retrying(
-                    lambda: release(self._connections.get(), lease)
+                    lambda empty=head is None: release(
+                        self._connections.get(), lease, found_empty=empty
+                    )
                 )
                 if head is HEAD_BUSY:
                     report.outcome = Outcome.BATCH_BUSY
