@@ -162,23 +162,22 @@ def db_lease_owner(conn, batch_id: str) -> str | None:
     strict=True,
     reason="known limit, documented in README (Guarantees: strict FIFO): ids are "
     "drawn when a task is inserted but become visible when its transaction commits, "
-    "so a task enqueued in a caller's open transaction is worked after a later, "
-    "higher-id task of the same batch",
+    "so a task enqueued in a caller's open transaction into a batch that already has "
+    "pending work is worked after a later, higher-id task of the same batch",
 )
 def test_task_enqueued_in_a_longer_transaction_keeps_its_place(db_url, conn):
-    # GIVEN batch A, and a caller whose own open transaction enqueues a task to it
-    enqueue_many(conn, [("A", {"n": 0})])
+    # GIVEN batch A with pending work, and a caller whose own open transaction
+    # enqueues a task to it
+    zero = enqueue_many(conn, [("A", {"n": 0})])[0]
     seen: list[int] = []
     holder = ConnectionHolder(db_url)
     worker = Worker(holder, settings(db_url), lambda task: seen.append(task.id))
-    worker.run("worker-0")
-    seen.clear()
     with psycopg.connect(db_url) as caller:
         first = enqueue_many(caller, [("A", {"n": 1})])[0]
 
         # AND another producer enqueues the next task of A and commits at once
         second = enqueue_many(conn, [("A", {"n": 2})])[0]
-        assert first < second
+        assert zero < first < second
 
         # WHEN a worker runs before the caller commits, and another after
         worker.run("worker-1")
@@ -187,4 +186,49 @@ def test_task_enqueued_in_a_longer_transaction_keeps_its_place(db_url, conn):
     holder.discard()
 
     # THEN the tasks were still worked in "Id" order
-    assert seen == [first, second]
+    assert seen == [zero, first, second]
+
+
+def test_enqueue_into_an_idle_batch_waits_for_an_open_enqueue_and_keeps_order(
+    db_url, conn
+):
+    # GIVEN batch A, drained, and a caller whose open transaction enqueues to it
+    enqueue_many(conn, [("A", {"n": 0})])
+    seen: list[int] = []
+    holder = ConnectionHolder(db_url)
+    worker = Worker(holder, settings(db_url), lambda task: seen.append(task.id))
+    worker.run("worker-0")
+    seen.clear()
+    caller = psycopg.connect(db_url)
+    first = enqueue_many(caller, [("A", {"n": 1})])[0]
+
+    # WHEN another producer enqueues to A from its own connection
+    second: list[int] = []
+    producer = psycopg.connect(db_url, autocommit=True)
+    thread = threading.Thread(
+        target=lambda: second.extend(enqueue_many(producer, [("A", {"n": 2})]))
+    )
+    thread.start()
+
+    # THEN it waits on the caller's transaction (a row lock, not a timing guess)
+    pid = producer.info.backend_pid
+    waiting = False
+    for _ in range(200):
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        if row and row[0] == "Lock":
+            waiting = True
+            break
+        thread.join(0.05)
+    assert waiting
+
+    # AND once the caller commits, both are worked in "Id" order
+    caller.commit()
+    thread.join(10)
+    assert not thread.is_alive()
+    worker.run("worker-1")
+    holder.discard()
+    caller.close()
+    producer.close()
+    assert seen == [first, second[0]]
