@@ -9,13 +9,20 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
 
-.PHONY: run test lint format db-url db-stop clean
+.PHONY: run test lint format db-url db-stop clean cli invoke lambda-sources
 
 run: $(VENV)/.installed  ## migrate, enqueue a demo workload, run 8 workers, check the order
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.demo
 
 test: $(VENV)/.installed  ## the test suite, on a real PostgreSQL
 	DATABASE_URL="$(DB_URL)" $(PY) -m pytest $(PYTEST_ARGS)
+
+cli: $(VENV)/.installed  ## the operator CLI on the same database: make cli ARGS='stats --json'
+	@DATABASE_URL="$(DB_URL)" $(PY) -m queue_core $(ARGS)
+
+EVENT ?= events/schedule-default.json
+invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
+	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -40,8 +47,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 # Called by `sam build` (BuildMethod: makefile): the deployed package has src/'s packages and
 # sql/ at its root, and the runtime requirements built for Lambda's arm64 Python 3.12.
-build-QueueWorkerFunction:
-	cp -r src/handler src/queue_core sql "$(ARTIFACTS_DIR)/"
+# samconfig.toml builds in the source tree (build_in_source), so nothing else is copied.
+LAMBDA_PLATFORM ?= manylinux2014_aarch64
+LAMBDA_PYTHON   ?= 3.12
+
+build-QueueWorkerFunction: lambda-sources
 	python3 -m pip install --quiet -r requirements.txt -t "$(ARTIFACTS_DIR)" \
-		--platform manylinux2014_aarch64 --implementation cp --python-version 3.12 \
-		--only-binary=:all:
+		--platform $(LAMBDA_PLATFORM) --implementation cp \
+		--python-version $(LAMBDA_PYTHON) --only-binary=:all: --upgrade
+
+# The project's own part of the package (tested without network in make test).
+lambda-sources:
+	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set" >&2; exit 2; }
+	mkdir -p "$(ARTIFACTS_DIR)"
+	cp -r src/handler src/queue_core sql "$(ARTIFACTS_DIR)/"
+	find "$(ARTIFACTS_DIR)/handler" "$(ARTIFACTS_DIR)/queue_core" \
+		-name __pycache__ -type d -prune -exec rm -rf {} +

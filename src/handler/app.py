@@ -6,6 +6,7 @@ import os
 from contextlib import AbstractContextManager
 from typing import Any
 
+import psycopg
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
@@ -15,6 +16,7 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
+from handler.credentials import conninfo_provider
 from handler.models import WorkRequest, describe_errors
 from queue_core import (
     ConnectionHolder,
@@ -24,6 +26,7 @@ from queue_core import (
     Worker,
     WorkReport,
 )
+from queue_core.operations import queue_gauges
 
 MAX_BODY_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 16 * 1024))
 
@@ -32,8 +35,11 @@ metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Task
 tracer = Tracer()
 url_app = LambdaFunctionUrlResolver()
 
-# Queue logs (claims, completions, releases) come out through the Powertools formatter.
-copy_config_to_registered_loggers(source_logger=logger, include={"queue_core"})
+# Queue logs (claims, completions, releases) and the credentials log come out through
+# the Powertools formatter.
+copy_config_to_registered_loggers(
+    source_logger=logger, include={"queue_core", "handler"}
+)
 
 # Kept across warm invocations; the connection inside is replaced when it breaks.
 _settings: Settings | None = None
@@ -43,9 +49,9 @@ _connections: ConnectionHolder | None = None
 def _worker() -> Worker:
     global _settings, _connections
     if _connections is None:
-        _settings = Settings.from_env()
+        _settings = Settings.from_env(require_database_url=False)
         _connections = ConnectionHolder(
-            _settings.database_url,
+            conninfo_provider(os.environ),
             connect_timeout=_settings.connect_timeout_seconds,
             application_name="task-queue-worker",
         )
@@ -67,7 +73,9 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     if _is_scheduled_event(event):
         tick = parse(event=event, model=EventBridgeModel)
         logger.set_correlation_id(tick.id)
-        return _work(WorkRequest(), context, entry="schedule")
+        worker = _worker()
+        _record_queue_gauges()
+        return _work(WorkRequest(), context, entry="schedule", worker=worker)
 
     if not isinstance(event, dict):
         problems = [{"field": "event", "rule": "must be a JSON object"}]
@@ -135,10 +143,15 @@ def database_unavailable(error: DatabaseUnavailable) -> Response:
     )
 
 
-def _work(request: WorkRequest, context: LambdaContext, entry: str) -> dict[str, Any]:
+def _work(
+    request: WorkRequest,
+    context: LambdaContext,
+    entry: str,
+    worker: Worker | None = None,
+) -> dict[str, Any]:
     worker_id = request.worker_id or context.aws_request_id
     logger.append_keys(worker_id=worker_id, entry=entry)
-    report = _worker().run(
+    report = (worker or _worker()).run(
         worker_id,
         preferred_batch_id=request.batch_id,
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
@@ -156,12 +169,54 @@ def _work(request: WorkRequest, context: LambdaContext, entry: str) -> dict[str,
     return report.as_dict()
 
 
+def _record_queue_gauges() -> None:
+    """Queue depth and the age of the oldest pending task, once per scheduled tick.
+
+    No dimension but the service: one series per deployment, whatever the batches.
+    """
+    try:
+        with tracer.provider.in_subsegment("## queue_gauges"):
+            gauges = queue_gauges(_connections.get())
+    except psycopg.Error as error:
+        # The worker that follows meets the same fault and reports it; the tick goes on.
+        _connections.discard_if_broken()
+        logger.warning(
+            "queue gauges not measured",
+            extra={
+                "action": "queue_gauges_failed",
+                "error_class": type(error).__name__,
+            },
+        )
+        return
+    metrics.add_metric("QueueDepth", MetricUnit.Count, gauges.pending)
+    metrics.add_metric(
+        "OldestPendingAge", MetricUnit.Seconds, gauges.oldest_pending_seconds
+    )
+    logger.info(
+        "queue measured",
+        extra={
+            "action": "queue_gauges",
+            "pending": gauges.pending,
+            "oldest_pending_seconds": round(gauges.oldest_pending_seconds, 3),
+        },
+    )
+
+
 def _record_metrics(report: WorkReport) -> None:
     metrics.add_metric("TasksCompleted", MetricUnit.Count, len(report.completed))
     for task in report.completed:
         metrics.add_metric("TaskDuration", MetricUnit.Milliseconds, task.duration_ms)
+    # A task completed on its second start or later: a retry that did its job (a
+    # failed start is counted in TasksFailed).
+    retried = sum(1 for task in report.completed if task.attempt > 1)
+    metrics.add_metric("TaskRetries", MetricUnit.Count, retried)
+    metrics.add_metric(
+        "TasksFailed",
+        MetricUnit.Count,
+        1 if report.outcome is Outcome.TASK_FAILED else 0,
+    )
+    metrics.add_metric("TasksDeadLettered", MetricUnit.Count, len(report.dead_lettered))
     counted = {
-        Outcome.TASK_FAILED: "TasksFailed",
         Outcome.NO_WORK: "NoWorkInvocations",
         Outcome.BATCH_BUSY: "BatchBusyInvocations",
         Outcome.LEASE_LOST: "LeasesLost",

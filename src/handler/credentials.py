@@ -276,7 +276,9 @@ def _iam_provider(environ: Mapping[str, str]) -> IamAuthToken:
         None,
     )
     if region is None:
-        raise ConfigurationError("AWS_REGION (or DB_REGION) is required with DB_IAM_AUTH")
+        raise ConfigurationError(
+            "AWS_REGION (or DB_REGION) is required with DB_IAM_AUTH"
+        )
     return IamAuthToken(endpoint, region)
 
 

@@ -46,7 +46,6 @@ class Result:
     text: str
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -71,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except psycopg.Error as error:
         return _fail(
-            EXIT_REFUSED, f"database error: {type(error).__name__}: {_first_line(error)}"
+            EXIT_REFUSED,
+            f"database error: {type(error).__name__}: {_first_line(error)}",
         )
 
     if args.json:
@@ -202,8 +202,8 @@ def _tasks_from_args(args) -> Iterator[tuple[str, Any]]:
         return
     if args.batch is not None or args.payload is not None:
         raise InvalidInput(
-            "--file", "cannot be combined with --batch or --payload (each line names "
-            "its batch)"
+            "--file",
+            "cannot be combined with --batch or --payload (each line names its batch)",
         )
     for number, line in _lines(args.file):
         field = f"line {number}"
@@ -252,8 +252,9 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        .rstrip()
+        "  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
         for row in cells
     )
 
