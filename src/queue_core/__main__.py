@@ -325,29 +325,37 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    # --json and --verbose are accepted before or after the command.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _options(default: Any) -> argparse.ArgumentParser:
+    """--json and --verbose, accepted before or after the command.
+
+    The command's copies default to SUPPRESS, so they never undo the same option
+    given before the command.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
         "--json",
         action="store_true",
-        default=argparse.SUPPRESS,
+        default=default,
         help="print only a JSON document on standard output",
     )
-    common.add_argument(
+    options.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        default=argparse.SUPPRESS,
+        default=default,
         help="log what is done (INFO) on standard error",
     )
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queue-core",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
+        parents=[_options(default=False)],
     )
-    parser.set_defaults(json=False, verbose=False)
+    common = _options(default=argparse.SUPPRESS)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     sub = commands.add_parser(
