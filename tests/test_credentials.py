@@ -18,12 +18,24 @@ from handler.credentials import (
 )
 from queue_core import ConfigurationError, ConnectionHolder, enqueue_many
 from tests.support import db
-from tests.support.aws import REGION, aws  # noqa: F401  (fixture)
+from tests.support.aws import REGION, mocked_aws
 from tests.support.events import load_event, with_unique_ids
 from tests.support.lambda_context import LambdaContext
-from tests.support.logs import handler_log  # noqa: F401  (fixture)
+from tests.support.logs import captured_handler_log
 
 PASSWORD = "pw-that-must-never-be-logged-7f3a"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    with mocked_aws(monkeypatch):
+        yield
+
+
+@pytest.fixture
+def handler_log():
+    with captured_handler_log() as log:
+        yield log
 
 
 def rds_secret(db_url: str, **changes) -> str:
@@ -43,7 +55,7 @@ def rds_secret(db_url: str, **changes) -> str:
 
 
 @pytest.fixture
-def secrets(aws):  # noqa: F811
+def secrets(aws):
     return boto3.client("secretsmanager", region_name=REGION)
 
 
@@ -236,7 +248,7 @@ def test_secret_without_host_needs_db_host(secrets):
 
 def test_handler_works_with_the_secret_and_never_logs_the_password(
     handler_app,
-    handler_log,  # noqa: F811
+    handler_log,
     secret_arn,
     conn,
     monkeypatch,
@@ -280,7 +292,7 @@ def iam_env(**extra: str) -> dict[str, str]:
     }
 
 
-def test_iam_token_is_signed_for_the_user_and_host_over_tls(aws):  # noqa: F811
+def test_iam_token_is_signed_for_the_user_and_host_over_tls(aws):
     provider = conninfo_provider(iam_env())
     assert isinstance(provider, IamAuthToken)
 
@@ -299,7 +311,7 @@ def test_iam_token_is_signed_for_the_user_and_host_over_tls(aws):  # noqa: F811
     assert query["X-Amz-Signature"]
 
 
-def test_each_new_connection_gets_a_fresh_iam_token(aws):  # noqa: F811
+def test_each_new_connection_gets_a_fresh_iam_token(aws):
     # GIVEN a token handed out for one connection
     provider = conninfo_provider(iam_env())
     first = conninfo_to_dict(provider())["password"]
@@ -315,12 +327,12 @@ def test_each_new_connection_gets_a_fresh_iam_token(aws):  # noqa: F811
 
 
 @pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer"])
-def test_iam_refuses_connections_without_tls(aws, sslmode):  # noqa: F811
+def test_iam_refuses_connections_without_tls(aws, sslmode):
     with pytest.raises(ConfigurationError, match="only accepted over TLS"):
         conninfo_provider(iam_env(DB_SSLMODE=sslmode))
 
 
-def test_iam_needs_a_region(aws, monkeypatch):  # noqa: F811
+def test_iam_needs_a_region(aws, monkeypatch):
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     environ = iam_env()
@@ -329,7 +341,7 @@ def test_iam_needs_a_region(aws, monkeypatch):  # noqa: F811
         conninfo_provider(environ)
 
 
-def test_iam_configuration_log_names_no_token(aws, handler_log):  # noqa: F811
+def test_iam_configuration_log_names_no_token(aws, handler_log):
     provider = conninfo_provider(iam_env())
     token = conninfo_to_dict(provider())["password"]
 

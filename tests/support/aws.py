@@ -1,14 +1,15 @@
 """AWS in tests: moto's in-memory services, with credentials that can reach nothing."""
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 REGION = "eu-west-1"
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+@contextmanager
+def mocked_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """moto's mock of every AWS service, and Powertools' parameter caches emptied."""
     from aws_lambda_powertools.utilities import parameters
     from moto import mock_aws

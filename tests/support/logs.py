@@ -3,9 +3,8 @@
 import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
-
-import pytest
 
 
 class HandlerLog:
@@ -24,8 +23,8 @@ class HandlerLog:
         return [record.get("action") for record in self.records()]
 
 
-@pytest.fixture
-def handler_log() -> Iterator[HandlerLog]:
+@contextmanager
+def captured_handler_log() -> Iterator[HandlerLog]:
     """Everything handler.app's logger (and the loggers it configured) writes."""
     import handler.app as app
 
