@@ -48,12 +48,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # Called by `sam build` (BuildMethod: makefile): the deployed package has src/'s packages and
 # sql/ at its root, and the runtime requirements built for Lambda's arm64 Python 3.12.
 # samconfig.toml builds in the source tree (build_in_source), so nothing else is copied.
-LAMBDA_PLATFORM ?= manylinux2014_aarch64
-LAMBDA_PYTHON   ?= 3.12
+# Lambda's Python 3.12 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 wheels fit.
+LAMBDA_PLATFORMS ?= manylinux_2_28_aarch64 manylinux2014_aarch64
+LAMBDA_PYTHON    ?= 3.12
 
 build-QueueWorkerFunction: lambda-sources
 	python3 -m pip install --quiet -r requirements.txt -t "$(ARTIFACTS_DIR)" \
-		--platform $(LAMBDA_PLATFORM) --implementation cp \
+		$(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp \
 		--python-version $(LAMBDA_PYTHON) --only-binary=:all: --upgrade
 
 # The project's own part of the package (tested without network in make test).
