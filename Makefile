@@ -24,7 +24,7 @@ EVENT ?= events/schedule-default.json
 invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
 	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed  
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 format: $(VENV)/.installed
