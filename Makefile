@@ -24,8 +24,9 @@ EVENT ?= events/schedule-default.json
 invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
 	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
 
-lint: $(VENV)/.installed  
+lint: $(VENV)/.installed  ## ruff, and cfn-lint on template.yaml
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/cfn-lint template.yaml
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
