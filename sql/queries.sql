@@ -202,6 +202,8 @@ ORDER BY lease."BatchId";
 -- name: queue_gauges
 -- The whole queue at a glance, for the metrics of a scheduled tick: pending tasks and the
 -- age of the oldest. One pass over "Tasks" (no per-batch grouping).
+-- TODO: the exact count reads every pending row, once a minute; with millions pending,
+-- pg_class.reltuples (an estimate) would keep the tick cheap.
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM statement_timestamp() - min("EnqueuedAt")), 0)
            AS oldest_pending_seconds

@@ -413,7 +413,7 @@ def _add_leases(commands, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="free a batch's lease now; its owner is fenced off",
     )
-    sub.add_argument("batch_id", metavar="BATCH")
+    sub.add_argument("batch_id", metavar="BATCH", help="the batch whose lease to free")
     sub.add_argument(
         "--owner", help="release only if this worker still holds the lease"
     )
