@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -310,14 +311,20 @@ def test_sam_build_succeeds_without_docker(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, target)
 
-    # WHEN sam build runs (in the source tree, as samconfig.toml asks)
-    result = subprocess.run(
-        ["sam", "build", "--build-in-source"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    # AND what `make run` leaves behind: a server socket SAM could not copy
+    (tmp_path / ".pgdata").mkdir()
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / ".pgdata" / ".s.PGSQL.5432"))
+
+        # WHEN sam build runs with samconfig.toml's settings (in the source tree)
+        result = subprocess.run(
+            ["sam", "build"],
+            cwd=tmp_path,
+            env={**os.environ, "SAM_CLI_TELEMETRY": "0"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
 
     # THEN the package holds the code, the SQL and arm64 wheels of the dependencies
     assert result.returncode == 0, result.stdout + result.stderr
