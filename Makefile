@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
 
-.PHONY: run test lint format db-url db-stop clean bench bench-quick
+.PHONY: run test lint format db-url db-stop clean bench bench-quick cli invoke lambda-sources
 
 run: $(VENV)/.installed  ## migrate, enqueue a demo workload, run 8 workers, check the order
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.demo
@@ -28,8 +28,16 @@ $(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
 		echo "bench: peers not installed; the benchmark will say so and go on"
 	touch $@
 
-lint: $(VENV)/.installed
+cli: $(VENV)/.installed  ## the operator CLI on the same database: make cli ARGS='stats --json'
+	@DATABASE_URL="$(DB_URL)" $(PY) -m queue_core $(ARGS)
+
+EVENT ?= events/schedule-default.json
+invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
+	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
+
+lint: $(VENV)/.installed  ## ruff, and cfn-lint on template.yaml
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/cfn-lint template.yaml
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
@@ -51,8 +59,20 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 # Called by `sam build` (BuildMethod: makefile): the deployed package has src/'s packages and
 # sql/ at its root, and the runtime requirements built for Lambda's arm64 Python 3.12.
-build-QueueWorkerFunction:
-	cp -r src/handler src/queue_core sql "$(ARTIFACTS_DIR)/"
+# samconfig.toml builds in the source tree (build_in_source), so nothing else is copied.
+# Lambda's Python 3.12 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 wheels fit.
+LAMBDA_PLATFORMS ?= manylinux_2_28_aarch64 manylinux2014_aarch64
+LAMBDA_PYTHON    ?= 3.12
+
+build-QueueWorkerFunction: lambda-sources
 	python3 -m pip install --quiet -r requirements.txt -t "$(ARTIFACTS_DIR)" \
-		--platform manylinux2014_aarch64 --implementation cp --python-version 3.12 \
-		--only-binary=:all:
+		$(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp \
+		--python-version $(LAMBDA_PYTHON) --only-binary=:all: --upgrade
+
+# The project's own part of the package (tested without network in make test).
+lambda-sources:
+	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set" >&2; exit 2; }
+	mkdir -p "$(ARTIFACTS_DIR)"
+	cp -r src/handler src/queue_core sql "$(ARTIFACTS_DIR)/"
+	find "$(ARTIFACTS_DIR)/handler" "$(ARTIFACTS_DIR)/queue_core" \
+		-name __pycache__ -type d -prune -exec rm -rf {} +

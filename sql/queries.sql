@@ -207,23 +207,47 @@ WHERE "BatchId" = %(batch_id)s AND "FencingToken" = %(fencing_token)s
 RETURNING "BatchId";
 
 -- name: batch_stats
--- Per batch: pending tasks, the age of the oldest, the lease owner and when the lease expires.
+-- Per batch (or one, when batch_id is given): pending tasks, the age of the oldest, the
+-- lease owner and expiry, and the head: its attempts, last error and retry time.
 SELECT lease."BatchId" AS batch_id,
-       count(task."Id") AS pending,
-       statement_timestamp() - min(task."EnqueuedAt") AS oldest_pending_age,
+       tasks.pending,
+       statement_timestamp() - tasks.oldest AS oldest_pending_age,
        lease."LockedBy" AS owner,
        CASE WHEN lease."LockedBy" IS NOT NULL
             THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
-           AS lease_expires_at
+           AS lease_expires_at,
+       lease."LockedBy" IS NOT NULL
+           AND lease."LockedAt" <= statement_timestamp()
+                                   - make_interval(secs => %(lease_seconds)s)
+           AS lease_expired,
+       head."Id" AS head_id,
+       head."Attempts" AS head_attempts,
+       head."LastError" AS head_last_error,
+       CASE WHEN head."NotBefore" > statement_timestamp() THEN head."NotBefore" END
+           AS head_retry_at
 FROM "BatchLocks" lease
-LEFT JOIN "Tasks" task ON task."BatchId" = lease."BatchId"
-GROUP BY lease."BatchId"
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending, min(task."EnqueuedAt") AS oldest
+    FROM "Tasks" task
+    WHERE task."BatchId" = lease."BatchId"
+) AS tasks
+LEFT JOIN LATERAL (
+    SELECT task."Id", task."Attempts", task."LastError", task."NotBefore"
+    FROM "Tasks" task
+    WHERE task."BatchId" = lease."BatchId"
+    ORDER BY task."Id"
+    LIMIT 1
+) AS head ON true
+WHERE %(batch_id)s::text IS NULL OR lease."BatchId" = %(batch_id)s
 ORDER BY lease."BatchId";
 
 -- name: dispatch_status
 -- For the scheduled tick, in one statement: how many batches could be claimed now (counted up
--- to a limit) and how many leases are held. Both walk the index of batches that may have
--- work, so an idle queue answers from an empty index.
+-- to a limit), how many leases are held, and the queue's depth and oldest pending age (the
+-- tick's metrics). The first two walk the index of batches that may have work, so an idle
+-- queue answers from an empty index.
+-- TODO: the depth is an exact count of "Tasks", read once a minute; with millions pending,
+-- pg_class.reltuples (an estimate) would keep the tick cheap.
 SELECT
     (SELECT count(*)
      FROM (
@@ -253,4 +277,68 @@ SELECT
            AND lease."LockedAt" > statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s)
          LIMIT %(limit)s
-     ) AS held) AS held;
+     ) AS held) AS held,
+    gauges.pending,
+    gauges.oldest_pending_seconds
+FROM (
+    SELECT count(*) AS pending,
+           coalesce(extract(epoch FROM statement_timestamp() - min("EnqueuedAt")), 0)
+               AS oldest_pending_seconds
+    FROM "Tasks"
+) AS gauges;
+
+-- name: queue_gauges
+-- The whole queue at a glance, for the metrics of a scheduled tick: pending tasks and the
+-- age of the oldest. One pass over "Tasks" (no per-batch grouping).
+-- TODO: the exact count reads every pending row, once a minute; with millions pending,
+-- pg_class.reltuples (an estimate) would keep the tick cheap.
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM statement_timestamp() - min("EnqueuedAt")), 0)
+           AS oldest_pending_seconds
+FROM "Tasks";
+
+-- name: list_leases
+-- Held leases (or every lease row, when all_leases), with their owner, expiry and backlog.
+SELECT lease."BatchId" AS batch_id,
+       lease."LockedBy" AS owner,
+       lease."FencingToken" AS fencing_token,
+       lease."LockedAt" AS locked_at,
+       CASE WHEN lease."LockedBy" IS NOT NULL
+            THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
+           AS expires_at,
+       lease."LockedBy" IS NOT NULL
+           AND lease."LockedAt" <= statement_timestamp()
+                                   - make_interval(secs => %(lease_seconds)s)
+           AS expired,
+       (SELECT count(*) FROM "Tasks" task WHERE task."BatchId" = lease."BatchId")
+           AS pending
+FROM "BatchLocks" lease
+WHERE %(all_leases)s OR lease."LockedBy" IS NOT NULL
+ORDER BY lease."BatchId";
+
+-- name: force_release_lease
+-- An operator frees a batch's lease: a new fencing token, so that the former owner can no
+-- longer renew, complete or delete anything; only if it is still held by expected_owner
+-- (when given). Returns the former owner; no row when the batch is unknown or not held.
+UPDATE "BatchLocks" lease
+SET "LockedBy" = NULL,
+    "LockedAt" = statement_timestamp(),
+    "FencingToken" = lease."FencingToken" + 1
+FROM (
+    SELECT "BatchId", "LockedBy" FROM "BatchLocks"
+    WHERE "BatchId" = %(batch_id)s
+    FOR NO KEY UPDATE
+) AS previous
+WHERE lease."BatchId" = previous."BatchId"
+  AND lease."LockedBy" IS NOT NULL
+  AND (%(expected_owner)s::text IS NULL OR lease."LockedBy" = %(expected_owner)s)
+RETURNING previous."LockedBy" AS previous_owner, lease."FencingToken" AS fencing_token;
+
+-- name: lease_owner
+-- Who holds a batch's lease (NULL when free); no row when the batch does not exist.
+SELECT "LockedBy" FROM "BatchLocks" WHERE "BatchId" = %(batch_id)s;
+
+-- name: set_local_lock_timeout
+-- Bound how long the rest of this transaction waits for a row lock (an operator's write
+-- never queues behind a worker for long); transaction-local, so safe behind a pooler.
+SELECT set_config('lock_timeout', %(lock_timeout)s, true);

@@ -1,4 +1,4 @@
-"""The command line, python -m queue_core: migrate, enqueue, stats."""
+"""The command line, python -m queue_core: migrate, enqueue, stats, leases."""
 
 import json
 import os
@@ -192,26 +192,19 @@ def test_bad_line_in_a_file_refuses_the_whole_file(db_url, conn, tmp_path):
 
 
 def test_missing_database_url_exits_2_with_a_clear_message():
-    # WHEN enqueue runs without DATABASE_URL
     result = cli("enqueue", "--batch", "A", database_url=None)
-
-    # THEN it exits 2 saying what is missing
     assert result.returncode == 2
     assert result.stderr.strip() == "error: DATABASE_URL is not set"
 
 
-def test_unreachable_database_exits_1_with_a_clear_message(tmp_path):
-    # WHEN migrate runs against a server that does not answer
+def test_unreachable_database_exits_3_with_a_clear_message(tmp_path):
     result = cli(
-        "migrate",
-        database_url=f"postgresql://postgres:s3cret@/postgres?host={tmp_path}",
+        "migrate", database_url=f"postgresql://postgres@/postgres?host={tmp_path}"
     )
-
-    # THEN it exits 1 with one line saying so, and never shows the password
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: cannot reach the database")
+    assert result.returncode == 3
     assert "Traceback" not in result.stderr
-    assert "s3cret" not in result.stderr
+    assert result.stderr.startswith("error: database unreachable: ")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------- stats
@@ -234,3 +227,237 @@ def test_stats_shows_pending_tasks_and_owners(db_url, conn):
     assert (batches["A"]["pending"], batches["A"]["owner"]) == (2, "worker-1")
     assert batches["A"]["leaseExpiresAt"] is not None
     assert (batches["B"]["pending"], batches["B"]["owner"]) == (1, None)
+
+
+def test_stats_shows_a_failed_head_as_blocked(db_url, conn):
+    # GIVEN batch A whose head failed and waits for its retry, and a healthy batch B
+    from queue_core import enqueue_many
+    from queue_core.lease import claim_batch
+    from queue_core.queries import query
+
+    head, _ = enqueue_many(conn, [("A", {}), ("A", {}), ("B", {})])[:2]
+    lease = claim_batch(conn, "worker-1", 300, preferred_batch_id="A").lease
+    conn.execute(
+        query("record_failure"),
+        {
+            "batch_id": "A",
+            "fencing_token": lease.fencing_token,
+            "lease_seconds": 300,
+            "task_id": head,
+            "error": "RuntimeError: boom",
+            "retry_delay_seconds": 600,
+        },
+    )
+
+    # WHEN stats runs, for scripts and for people
+    document = json.loads(cli("stats", "--json", database_url=db_url).stdout)
+    text = cli("stats", database_url=db_url).stdout
+
+    # THEN A is blocked behind its head, with the error and the retry time
+    batches = {b["batchId"]: b for b in document["batches"]}
+    assert batches["A"]["blocked"] is True
+    assert (batches["A"]["headTaskId"], batches["A"]["headAttempts"]) == (head, 1)
+    assert batches["A"]["headLastError"] == "RuntimeError: boom"
+    assert batches["A"]["headRetryAt"] is not None
+    assert batches["B"]["blocked"] is False
+    line_a = next(line for line in text.splitlines() if line.startswith("A "))
+    assert f"yes: head {head} failed 1x, retry at" in line_a
+
+    # AND one batch can be asked for, and an unknown one is an error
+    one = json.loads(cli("stats", "--batch", "B", "--json", database_url=db_url).stdout)
+    assert [b["batchId"] for b in one["batches"]] == ["B"]
+    missing = cli("stats", "--batch", "Z", database_url=db_url)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: batch 'Z' does not exist"
+
+
+# ----------------------------------------------------------------------- leases
+
+
+def test_leases_lists_held_leases_and_all_with_all(db_url, conn):
+    from queue_core import enqueue_many
+    from queue_core.lease import claim_batch
+
+    enqueue_many(conn, [("A", {}), ("A", {}), ("B", {})])
+    claim_batch(conn, "worker-1", 300, preferred_batch_id="A")
+
+    held = json.loads(cli("leases", "--json", database_url=db_url).stdout)
+    every = json.loads(
+        cli("leases", "list", "--all", "--json", database_url=db_url).stdout
+    )
+    text = cli("leases", database_url=db_url).stdout.splitlines()
+
+    assert [(x["batchId"], x["owner"], x["pending"]) for x in held["leases"]] == [
+        ("A", "worker-1", 2)
+    ]
+    assert held["leases"][0]["expired"] is False
+    assert [x["batchId"] for x in every["leases"]] == ["A", "B"]
+    assert text[0].split() == ["BATCH", "OWNER", "TOKEN", "EXPIRES", "PENDING"]
+    assert text[1].split()[:3] == ["A", "worker-1", "1"]
+
+
+def test_release_fences_the_owner_and_never_lets_the_head_run_twice(db_url, conn):
+    from queue_core import enqueue_many
+    from queue_core.lease import claim_batch
+    from queue_core.queries import query
+
+    # GIVEN worker-1 owns batch A and is processing its head (the row is locked)
+    first, _second = enqueue_many(conn, [("A", {}), ("A", {})])
+    lease = claim_batch(conn, "worker-1", 300, preferred_batch_id="A").lease
+    params = {
+        "batch_id": "A",
+        "fencing_token": lease.fencing_token,
+        "lease_seconds": 300,
+    }
+    with psycopg.connect(db_url, autocommit=True) as worker_1:
+        worker_1.execute("BEGIN")
+        assert worker_1.execute(query("lock_head"), params).fetchone()[1] == first
+
+        # WHEN an operator releases the lease
+        result = cli("leases", "release", "A", "--json", database_url=db_url)
+
+        # THEN it is released at once, naming the former owner and the new token
+        assert result.returncode == 0, result.stderr
+        released = json.loads(result.stdout)
+        assert released == {
+            "batchId": "A",
+            "previousOwner": "worker-1",
+            "fencingToken": lease.fencing_token + 1,
+        }
+
+        # AND while worker-1 still holds the head, nobody else starts it
+        assert claim_batch(conn, "worker-2", 300).lease is None
+
+        # AND worker-1 can no longer complete it
+        done = worker_1.execute(
+            query("complete_task"), {**params, "task_id": first, "keep_lease": True}
+        ).fetchone()
+        assert done == (0, 0)
+        worker_1.execute("ROLLBACK")
+
+    # AND once worker-1's transaction is gone, the next owner starts from the head
+    lease_2 = claim_batch(conn, "worker-2", 300).lease
+    assert lease_2.batch_id == "A"
+    assert lease_2.fencing_token == lease.fencing_token + 2
+    assert db.pending_ids(conn, "A")[0] == first
+
+
+def test_release_refusals_exit_1_with_the_reason(db_url, conn):
+    from queue_core import enqueue_many
+    from queue_core.lease import claim_batch
+
+    enqueue_many(conn, [("A", {}), ("B", {})])
+    claim_batch(conn, "worker-1", 300, preferred_batch_id="A")
+    before = db.table_state(conn)
+
+    wrong_owner = cli("leases", "release", "A", "--owner", "w-9", database_url=db_url)
+    free = cli("leases", "release", "B", database_url=db_url)
+    unknown = cli("leases", "release", "Z", database_url=db_url)
+    bad_name = cli("leases", "release", "a b", database_url=db_url)
+
+    assert (wrong_owner.returncode, wrong_owner.stderr.strip()) == (
+        1,
+        "error: the lease of batch 'A' is held by 'worker-1', not 'w-9'",
+    )
+    assert (free.returncode, free.stderr.strip()) == (
+        1,
+        "error: the lease of batch 'B' is not held",
+    )
+    assert (unknown.returncode, unknown.stderr.strip()) == (
+        1,
+        "error: batch 'Z' does not exist",
+    )
+    assert bad_name.returncode == 2
+    assert "batch" in bad_name.stderr
+    assert db.table_state(conn) == before
+
+    # AND with the right owner named, it goes through
+    right = cli("leases", "release", "A", "--owner", "worker-1", database_url=db_url)
+    assert right.returncode == 0, right.stderr
+    assert "released the lease of batch 'A'" in right.stdout
+
+
+# ----------------------------------------------------------------------- output
+
+
+def test_json_output_is_only_the_document_even_with_logs(db_url):
+    # WHEN --json is given before the command, with INFO logs asked for
+    result = cli("--json", "--verbose", "enqueue", "--batch", "A", database_url=db_url)
+
+    # THEN standard output parses as one JSON document, and the logs are elsewhere
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(result.stdout)) == ["ids"]
+
+
+def test_empty_queue_reads_clearly(db_url):
+    assert cli("stats", database_url=db_url).stdout.strip() == "no batches"
+    assert cli("leases", database_url=db_url).stdout.strip() == "no lease is held"
+    assert json.loads(cli("stats", "--json", database_url=db_url).stdout) == {
+        "batches": []
+    }
+
+
+def test_unmigrated_database_says_to_migrate(empty_db_url):
+    result = cli("stats", database_url=empty_db_url)
+    assert result.returncode == 1
+    assert "queue-core migrate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+BAD_FILES = {
+    "unknown field": ('{"batchId": "A", "paylod": {}}\n', "line 1", "paylod"),
+    "not UTF-8": (b'{"batchId": "\xff"}\n', "--file", "UTF-8"),
+    "empty": ("\n\n", "--file", "holds no task"),
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "rule"), BAD_FILES.values(), ids=BAD_FILES.keys()
+)
+def test_bad_task_files_exit_2(db_url, conn, tmp_path, content, field, rule):
+    path = tmp_path / "tasks.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+    result = cli("enqueue", "--file", str(path), database_url=db_url)
+
+    assert result.returncode == 2
+    assert field in result.stderr and rule in result.stderr
+    assert db.table_state(conn) == {"tasks": [], "leases": []}
+
+
+def test_file_cannot_be_combined_with_batch_or_be_missing(db_url, tmp_path):
+    combined = cli("enqueue", "--file", "-", "--batch", "A", database_url=db_url)
+    missing = cli("enqueue", "--file", str(tmp_path / "nope"), database_url=db_url)
+
+    assert combined.returncode == 2 and "cannot be combined" in combined.stderr
+    assert missing.returncode == 2 and "cannot be read" in missing.stderr
+
+
+def test_usage_errors_exit_2():
+    result = cli("leases", "release", database_url="postgresql:///unused")
+    assert result.returncode == 2
+    assert "BATCH" in result.stderr
+
+
+def test_make_cli_runs_against_the_given_database(db_url, conn):
+    # GIVEN a task, and DATABASE_URL naming the test's database
+    from queue_core import enqueue_many
+
+    enqueue_many(conn, [("A", {})])
+
+    # WHEN the Makefile's front door is used
+    result = subprocess.run(
+        ["make", "--no-print-directory", "cli", "ARGS=stats --json"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    # THEN standard output is the JSON document alone
+    assert result.returncode == 0, result.stderr
+    assert [b["batchId"] for b in json.loads(result.stdout)["batches"]] == ["A"]

@@ -19,6 +19,7 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
+from handler.credentials import conninfo_provider
 from handler.models import WorkRequest, describe_errors
 from queue_core import (
     ConnectionHolder,
@@ -38,8 +39,11 @@ metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Task
 tracer = Tracer()
 url_app = LambdaFunctionUrlResolver()
 
-# Queue logs (claims, completions, releases) come out through the Powertools formatter.
-copy_config_to_registered_loggers(source_logger=logger, include={"queue_core"})
+# Queue logs (claims, completions, releases) and the credentials log come out through
+# the Powertools formatter.
+copy_config_to_registered_loggers(
+    source_logger=logger, include={"queue_core", "handler"}
+)
 
 # Kept across warm invocations; the connection inside is replaced when it breaks.
 _settings: Settings | None = None
@@ -49,9 +53,9 @@ _connections: ConnectionHolder | None = None
 def _state() -> tuple[Settings, ConnectionHolder]:
     global _settings, _connections
     if _connections is None or _settings is None:
-        _settings = Settings.from_env()
+        _settings = Settings.from_env(require_database_url=False)
         _connections = ConnectionHolder(
-            _settings.database_url,
+            conninfo_provider(os.environ),
             connect_timeout=_settings.connect_timeout_seconds,
             application_name="task-queue-worker",
         )
@@ -164,6 +168,7 @@ def _dispatch(context: LambdaContext) -> dict[str, Any]:
             ),
             on_retry=lambda _error: connections.discard_if_broken(),
         )
+    _record_queue_gauges(plan)
     started = _start_others(plan, settings, context)
     logger.info(
         "tick dispatched",
@@ -223,12 +228,32 @@ def _work(request: WorkRequest, context: LambdaContext, entry: str) -> dict[str,
     return response
 
 
+def _record_queue_gauges(plan: DispatchPlan) -> None:
+    """Queue depth and the age of the oldest pending task, once per scheduled tick.
+
+    No dimension but the service: one series per deployment, whatever the batches.
+    """
+    metrics.add_metric("QueueDepth", MetricUnit.Count, plan.pending)
+    metrics.add_metric(
+        "OldestPendingAge", MetricUnit.Seconds, plan.oldest_pending_seconds
+    )
+
+
 def _record_metrics(report: WorkReport) -> None:
     metrics.add_metric("TasksCompleted", MetricUnit.Count, len(report.completed))
     for task in report.completed:
         metrics.add_metric("TaskDuration", MetricUnit.Milliseconds, task.duration_ms)
+    # A task completed on its second start or later: a retry that did its job (a
+    # failed start is counted in TasksFailed).
+    retried = sum(1 for task in report.completed if task.attempt > 1)
+    metrics.add_metric("TaskRetries", MetricUnit.Count, retried)
+    metrics.add_metric(
+        "TasksFailed",
+        MetricUnit.Count,
+        1 if report.outcome is Outcome.TASK_FAILED else 0,
+    )
+    metrics.add_metric("TasksDeadLettered", MetricUnit.Count, len(report.dead_lettered))
     counted = {
-        Outcome.TASK_FAILED: "TasksFailed",
         Outcome.NO_WORK: "NoWorkInvocations",
         Outcome.BATCH_BUSY: "BatchBusyInvocations",
         Outcome.LEASE_LOST: "LeasesLost",

@@ -1,6 +1,7 @@
 """Settings of a worker, read once from the environment."""
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from queue_core.errors import ConfigurationError
@@ -25,10 +26,18 @@ class Settings:
     worker_max_batches: int = 1
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        require_database_url: bool = True,
+    ) -> "Settings":
+        """require_database_url=False: the caller connects by other means (the Lambda
+        handler's credentials from Secrets Manager or RDS IAM); database_url is then
+        DATABASE_URL or empty."""
         env = os.environ if environ is None else environ
         url = env.get("DATABASE_URL", "").strip()
-        if not url:
+        if not url and require_database_url:
             raise ConfigurationError("DATABASE_URL is not set")
         return cls(
             database_url=url,

@@ -41,6 +41,11 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, psycopg.OperationalError) and error.sqlstate is None
 
 
+# A connection string, or a callable giving one for each new connection (credentials
+# that expire, such as RDS IAM tokens, must be fresh at connect time).
+ConninfoSource = str | Callable[[], str]
+
+
 def connect(
     conninfo: str, connect_timeout: int, application_name: str
 ) -> psycopg.Connection:
@@ -60,10 +65,15 @@ class ConnectionHolder:
 
     def __init__(
         self,
-        conninfo: str,
+        conninfo: ConninfoSource,
         connect_timeout: int = 5,
         application_name: str = "queue_core",
     ) -> None:
+        """conninfo: a string, or a callable asked again for every new connection.
+
+        A callable may also have forget(): it is called when a connection attempt
+        fails, so that credentials it caches (a rotated password) are fetched anew.
+        """
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
         self._application_name = application_name
@@ -78,9 +88,17 @@ class ConnectionHolder:
 
     def _open(self) -> psycopg.Connection:
         log.debug("connecting to the database", extra={"action": "db_connect"})
-        connection = connect(
-            self._conninfo, self._connect_timeout, self._application_name
-        )
+        source = self._conninfo
+        conninfo = source() if callable(source) else source
+        try:
+            connection = connect(
+                conninfo, self._connect_timeout, self._application_name
+            )
+        except psycopg.OperationalError:
+            forget = getattr(source, "forget", None)
+            if forget is not None:
+                forget()
+            raise
         self.connects += 1
         return connection
 

@@ -22,6 +22,8 @@ class DispatchPlan:
     claimable: int
     held: int
     max_concurrency: int
+    pending: int = 0
+    oldest_pending_seconds: float = 0.0
 
     @property
     def work_here(self) -> bool:
@@ -43,6 +45,8 @@ class DispatchPlan:
             "maxConcurrency": self.max_concurrency,
             "workHere": self.work_here,
             "startOthers": self.start_others,
+            "pending": self.pending,
+            "oldestPendingSeconds": round(self.oldest_pending_seconds, 3),
         }
 
 
@@ -50,11 +54,11 @@ def plan_dispatch(
     conn: psycopg.Connection, lease_seconds: float, max_concurrency: int
 ) -> DispatchPlan:
     """One statement, on an autocommit connection: no transaction is left open."""
-    claimable, held = conn.execute(
+    claimable, held, pending, oldest = conn.execute(
         query("dispatch_status"),
         {"lease_seconds": lease_seconds, "limit": max_concurrency},
     ).fetchone()
-    plan = DispatchPlan(claimable, held, max_concurrency)
+    plan = DispatchPlan(claimable, held, max_concurrency, pending, float(oldest))
     log.debug(
         "dispatch planned", extra={"action": "dispatch_planned", **plan.as_dict()}
     )

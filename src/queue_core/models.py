@@ -59,6 +59,8 @@ class WorkReport:
     completed: list[CompletedTask] = field(default_factory=list)
     failed_task_id: int | None = None
     error: str | None = None
+    # Tasks moved to the dead letters during this invocation (counted in metrics).
+    dead_lettered: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -4,8 +4,9 @@ from functools import cache
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-# In the repository sql/ sits beside src/; in the deployed package, beside queue_core/.
-_SQL_DIRS = (_HERE.parent / "sql", _HERE.parent.parent / "sql")
+# In the repository sql/ sits beside src/; in the Lambda package, beside queue_core/;
+# installed with pip, inside it (queue_core/sql).
+_SQL_DIRS = (_HERE.parent / "sql", _HERE.parent.parent / "sql", _HERE / "sql")
 
 
 def sql_dir() -> Path:
