@@ -20,12 +20,18 @@ RETURNING "Id";
 
 -- name: claim_batch
 -- Claim the lease of one batch whose head is ready (the preferred batch first, then the least
--- recently worked one) and count a start of its head. Competing claimers skip each other's
--- lease rows; a head still locked by a frozen former owner is reported, never skipped.
+-- recently worked one) and count a start of its head under the new fencing token. A head
+-- whose attempts are used up is not started: the batch's policy is applied to it instead (it
+-- goes to the dead letters, or the batch halts) and no lease is given. Competing claimers
+-- skip each other's lease rows; a head still locked by a frozen former owner is reported,
+-- never skipped. outcome: claimed, busy, dead_lettered or halted.
 WITH candidate AS MATERIALIZED (
-    SELECT lease."BatchId", lease."LockedBy" AS previous_owner
+    SELECT lease."BatchId", lease."LockedBy" AS previous_owner, lease."FencingToken",
+           coalesce(lease."MaxAttempts", %(max_attempts)s) AS max_attempts,
+           coalesce(lease."OnExhausted", %(on_exhausted)s) AS on_exhausted
     FROM "BatchLocks" lease
-    WHERE (lease."LockedBy" IS NULL
+    WHERE lease."HaltedAt" IS NULL
+      AND (lease."LockedBy" IS NULL
            OR lease."LockedAt" <= statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s))
       AND lease."BatchId" <> ALL (%(busy_batch_ids)s::text[])
@@ -53,68 +59,137 @@ head AS MATERIALIZED (
 ),
 -- Locks exactly the head, or nothing when another transaction holds it.
 locked_head AS MATERIALIZED (
-    SELECT task."Id"
+    SELECT task."Id", task."Attempts", task."LastError"
     FROM "Tasks" task
     JOIN head ON head."Id" = task."Id"
     FOR NO KEY UPDATE OF task SKIP LOCKED
 ),
+decision AS MATERIALIZED (
+    SELECT locked_head."Id",
+           CASE WHEN locked_head."Attempts" < candidate.max_attempts THEN 'claimed'
+                WHEN candidate.on_exhausted = 'halt' THEN 'halted'
+                ELSE 'dead_lettered'
+           END AS outcome
+    FROM locked_head CROSS JOIN candidate
+),
 started AS (
     UPDATE "Tasks" task
-    SET "Attempts" = task."Attempts" + 1
-    FROM locked_head
-    WHERE task."Id" = locked_head."Id"
+    SET "Attempts" = task."Attempts" + 1,
+        "StartToken" = candidate."FencingToken" + 1
+    FROM decision CROSS JOIN candidate
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'claimed'
 ),
+abandoned AS (
+    DELETE FROM "Tasks" task
+    USING decision
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'dead_lettered'
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+           coalesce("LastError", 'no error recorded: its starts ended without an outcome'
+                                 || ' (the worker died, froze or lost its lease)'),
+           coalesce("FirstFailedAt", statement_timestamp()), statement_timestamp(),
+           statement_timestamp(), 'abandoned'
+    FROM abandoned
+    ON CONFLICT ("Id") DO UPDATE
+    SET "BatchId" = EXCLUDED."BatchId", "Payload" = EXCLUDED."Payload",
+        "EnqueuedAt" = EXCLUDED."EnqueuedAt", "Attempts" = EXCLUDED."Attempts",
+        "LastError" = EXCLUDED."LastError", "FirstFailedAt" = EXCLUDED."FirstFailedAt",
+        "LastFailedAt" = EXCLUDED."LastFailedAt",
+        "DeadLetteredAt" = EXCLUDED."DeadLetteredAt", "Reason" = EXCLUDED."Reason"
+),
+-- Every decision takes a new token, so a former owner stays fenced off for good.
 claimed AS (
     UPDATE "BatchLocks" lease
-    SET "LockedBy" = %(worker_id)s,
+    SET "LockedBy" = CASE WHEN decision.outcome = 'claimed' THEN %(worker_id)s END,
         "LockedAt" = statement_timestamp(),
-        "FencingToken" = lease."FencingToken" + 1
-    FROM candidate
+        "FencingToken" = lease."FencingToken" + 1,
+        "HaltedAt" = CASE WHEN decision.outcome = 'halted' THEN statement_timestamp() END,
+        "HaltReason" = CASE WHEN decision.outcome = 'halted' THEN
+            format('task %%s: %%s of %%s attempts used, the last without an outcome'
+                   || ' (the worker died, froze or lost its lease); last error: %%s',
+                   locked_head."Id", locked_head."Attempts", candidate.max_attempts,
+                   coalesce(locked_head."LastError", 'none'))
+        END
+    FROM candidate, decision, locked_head
     WHERE lease."BatchId" = candidate."BatchId"
-      AND EXISTS (SELECT FROM locked_head)
     RETURNING lease."FencingToken"
 )
 SELECT candidate."BatchId",
        candidate.previous_owner,
-       (SELECT "FencingToken" FROM claimed) AS fencing_token
-FROM candidate;
+       coalesce(decision.outcome, 'busy') AS outcome,
+       (SELECT "FencingToken" FROM claimed) AS fencing_token,
+       locked_head."Id" AS head_id,
+       locked_head."Attempts" AS head_attempts,
+       candidate.max_attempts
+FROM candidate
+LEFT JOIN decision ON true
+LEFT JOIN locked_head ON true;
+
+-- name: bound_transaction
+-- Bound the current transaction on the server, for connections that cannot carry startup
+-- options (a pooler such as PgBouncer refuses them); the settings end with the transaction.
+SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_ms)s, true),
+       set_config('statement_timeout', %(statement_ms)s, true),
+       set_config('lock_timeout', %(lock_ms)s, true);
 
 -- name: lock_head
 -- Lock the head of a batch for processing, if the caller's lease still holds. Returns no row
 -- when the batch is empty or the lease is gone, and a row without a task when another
--- transaction holds the head: the head is never skipped.
+-- transaction holds the head: the head is never skipped. started is false when the head's
+-- start was not counted under this lease (tasks were put back ahead of it meanwhile).
 WITH head AS MATERIALIZED (
     SELECT task."Id"
     FROM "Tasks" task
     JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
     WHERE lease."BatchId" = %(batch_id)s
       AND lease."FencingToken" = %(fencing_token)s
+      AND lease."LockedBy" IS NOT NULL
       AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
     ORDER BY task."Id"
     LIMIT 1
 ),
 locked AS MATERIALIZED (
-    SELECT task."Id", task."Payload", task."Attempts", task."EnqueuedAt"
+    SELECT task."Id", task."Payload", task."Attempts", task."EnqueuedAt", task."StartToken"
     FROM "Tasks" task
     JOIN head ON head."Id" = task."Id"
     FOR NO KEY UPDATE OF task SKIP LOCKED
 )
 SELECT head."Id" AS head_id, locked."Id", locked."Payload", locked."Attempts",
-       locked."EnqueuedAt"
+       locked."EnqueuedAt",
+       locked."StartToken" IS NOT DISTINCT FROM %(fencing_token)s AS started
 FROM head
 LEFT JOIN locked ON locked."Id" = head."Id";
 
 -- name: complete_task
--- Delete a finished task if the caller's lease still holds; renew the lease and count a start
--- of the next task (when continuing), or release the lease (when stopping).
-WITH lease AS (
+-- Delete a finished task if the caller's lease still holds. When continuing, renew the lease
+-- and count a start of the next head under the same token, if that head may start now (its
+-- retry time has come, its attempts are not used up); else, or when stopping, or when the
+-- batch is empty, release the lease in the same statement.
+WITH next AS MATERIALIZED (
+    SELECT task."Id",
+           (task."NotBefore" IS NULL OR task."NotBefore" <= statement_timestamp())
+           AND task."Attempts" < coalesce(lease."MaxAttempts", %(max_attempts)s) AS ready
+    FROM "Tasks" task
+    JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
+    WHERE task."BatchId" = %(batch_id)s AND task."Id" <> %(task_id)s
+    ORDER BY task."Id"
+    LIMIT 1
+),
+lease AS (
     UPDATE "BatchLocks"
     SET "LockedAt" = statement_timestamp(),
-        "LockedBy" = CASE WHEN %(keep_lease)s THEN "LockedBy" END
+        "LockedBy" = CASE WHEN %(keep_lease)s AND (SELECT ready FROM next)
+                          THEN "LockedBy" END
     WHERE "BatchId" = %(batch_id)s
       AND "FencingToken" = %(fencing_token)s
+      AND "LockedBy" IS NOT NULL
       AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
-    RETURNING "BatchId"
+    RETURNING "BatchId", "LockedBy" IS NOT NULL AS kept
 ),
 done AS (
     DELETE FROM "Tasks" task
@@ -124,36 +199,90 @@ done AS (
 ),
 next_started AS (
     UPDATE "Tasks" task
-    SET "Attempts" = task."Attempts" + 1
-    WHERE %(keep_lease)s
-      AND task."Id" = (
-          SELECT next."Id"
-          FROM "Tasks" next
-          JOIN lease ON lease."BatchId" = next."BatchId"
-          WHERE next."Id" > %(task_id)s
-          ORDER BY next."Id"
-          LIMIT 1
-      )
+    SET "Attempts" = task."Attempts" + 1,
+        "StartToken" = %(fencing_token)s
+    FROM lease, next
+    WHERE lease.kept AND task."Id" = next."Id"
 )
-SELECT (SELECT count(*) FROM lease) AS lease_held, (SELECT count(*) FROM done) AS deleted;
+SELECT (SELECT count(*) FROM lease) AS lease_held,
+       (SELECT count(*) FROM done) AS deleted,
+       coalesce((SELECT kept FROM lease), false) AS continuing,
+       EXISTS (SELECT FROM next) AS more_pending;
 
 -- name: record_failure
--- Keep a failed task at the head with its error and a not-before time, and release the lease
--- so the batch is retried after the backoff; nothing changes if the lease was lost.
-WITH lease AS (
-    UPDATE "BatchLocks"
-    SET "LockedBy" = NULL, "LockedAt" = statement_timestamp()
-    WHERE "BatchId" = %(batch_id)s
-      AND "FencingToken" = %(fencing_token)s
-      AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
-    RETURNING "BatchId"
+-- Record a failed attempt if the caller's lease still holds, and release the lease. With
+-- attempts left, the task stays at the head with its error and a not-before time. With its
+-- attempts used up, the batch's policy applies: the task moves to the dead letters (the
+-- batch goes on), or stays and the batch halts. outcome: retry, dead_lettered, halted, or
+-- gone (an operator removed the task meanwhile); no row when the lease was lost.
+WITH failed AS MATERIALIZED (
+    SELECT lease."BatchId", task."Id", task."Attempts",
+           coalesce(lease."MaxAttempts", %(max_attempts)s) AS max_attempts,
+           coalesce(lease."OnExhausted", %(on_exhausted)s) AS on_exhausted
+    FROM "BatchLocks" lease
+    LEFT JOIN "Tasks" task
+           ON task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
+    WHERE lease."BatchId" = %(batch_id)s
+      AND lease."FencingToken" = %(fencing_token)s
+      AND lease."LockedBy" IS NOT NULL
+      AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
+    FOR NO KEY UPDATE OF lease
+),
+decision AS MATERIALIZED (
+    SELECT failed.*,
+           CASE WHEN failed."Id" IS NULL THEN 'gone'
+                WHEN failed."Attempts" < failed.max_attempts THEN 'retry'
+                WHEN failed.on_exhausted = 'halt' THEN 'halted'
+                ELSE 'dead_lettered'
+           END AS outcome
+    FROM failed
+),
+lease AS (
+    UPDATE "BatchLocks" lease
+    SET "LockedBy" = NULL,
+        "LockedAt" = statement_timestamp(),
+        "HaltedAt" = CASE WHEN decision.outcome = 'halted' THEN statement_timestamp() END,
+        "HaltReason" = CASE WHEN decision.outcome = 'halted' THEN
+            format('task %%s: failed its last allowed attempt (%%s of %%s): %%s',
+                   decision."Id", decision."Attempts", decision.max_attempts,
+                   %(error)s::text)
+        END
+    FROM decision
+    WHERE lease."BatchId" = decision."BatchId"
+),
+kept AS (
+    UPDATE "Tasks" task
+    SET "LastError" = %(error)s,
+        "FirstFailedAt" = coalesce(task."FirstFailedAt", statement_timestamp()),
+        "LastFailedAt" = statement_timestamp(),
+        "NotBefore" = CASE WHEN decision.outcome = 'retry' THEN
+            statement_timestamp() + make_interval(secs => %(retry_delay_seconds)s) END
+    FROM decision
+    WHERE task."Id" = decision."Id" AND decision.outcome IN ('retry', 'halted')
+),
+dead AS (
+    DELETE FROM "Tasks" task
+    USING decision
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'dead_lettered'
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", %(error)s,
+           coalesce("FirstFailedAt", statement_timestamp()), statement_timestamp(),
+           statement_timestamp(), 'failed'
+    FROM dead
+    ON CONFLICT ("Id") DO UPDATE
+    SET "BatchId" = EXCLUDED."BatchId", "Payload" = EXCLUDED."Payload",
+        "EnqueuedAt" = EXCLUDED."EnqueuedAt", "Attempts" = EXCLUDED."Attempts",
+        "LastError" = EXCLUDED."LastError", "FirstFailedAt" = EXCLUDED."FirstFailedAt",
+        "LastFailedAt" = EXCLUDED."LastFailedAt",
+        "DeadLetteredAt" = EXCLUDED."DeadLetteredAt", "Reason" = EXCLUDED."Reason"
 )
-UPDATE "Tasks" task
-SET "LastError" = %(error)s,
-    "NotBefore" = statement_timestamp() + make_interval(secs => %(retry_delay_seconds)s)
-FROM lease
-WHERE task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
-RETURNING task."Id";
+SELECT decision."Id", decision.outcome, decision."Attempts", decision.max_attempts
+FROM decision;
 
 -- name: release_lease
 -- Give the lease back, if the caller still holds it; "LockedAt" keeps the time it was last

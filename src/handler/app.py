@@ -44,10 +44,8 @@ def _worker() -> Worker:
     global _settings, _connections
     if _connections is None:
         _settings = Settings.from_env()
-        _connections = ConnectionHolder(
-            _settings.database_url,
-            connect_timeout=_settings.connect_timeout_seconds,
-            application_name="task-queue-worker",
+        _connections = ConnectionHolder.for_settings(
+            _settings, application_name="task-queue-worker"
         )
     return Worker(_connections, _settings, step_span=_trace_step)
 
@@ -162,6 +160,8 @@ def _record_metrics(report: WorkReport) -> None:
         metrics.add_metric("TaskDuration", MetricUnit.Milliseconds, task.duration_ms)
     counted = {
         Outcome.TASK_FAILED: "TasksFailed",
+        Outcome.DEAD_LETTERED: "TasksFailed",
+        Outcome.BATCH_HALTED: "TasksFailed",
         Outcome.NO_WORK: "NoWorkInvocations",
         Outcome.BATCH_BUSY: "BatchBusyInvocations",
         Outcome.LEASE_LOST: "LeasesLost",
@@ -170,6 +170,14 @@ def _record_metrics(report: WorkReport) -> None:
         metrics.add_metric(counted[report.outcome], MetricUnit.Count, 1)
     if report.taken_over_from:
         metrics.add_metric("LeaseTakeovers", MetricUnit.Count, 1)
+    if report.dead_lettered:
+        metrics.add_metric(
+            "TasksDeadLettered", MetricUnit.Count, len(report.dead_lettered)
+        )
+    if report.halted_batch_ids:
+        metrics.add_metric(
+            "BatchesHalted", MetricUnit.Count, len(report.halted_batch_ids)
+        )
 
 
 def _is_scheduled_event(event: Any) -> bool:

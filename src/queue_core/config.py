@@ -1,11 +1,17 @@
 """Settings of a worker, read once from the environment."""
 
+import math
 import os
 from dataclasses import dataclass, field
 
 from queue_core.errors import ConfigurationError
 
 DEFAULT_PROCESSOR = "queue_core.processor:simulated_work"
+
+# What happens to a task whose attempts are used up: see ON_EXHAUSTED.
+DEAD_LETTER = "dead-letter"
+HALT = "halt"
+EXHAUSTION_POLICIES = (DEAD_LETTER, HALT)
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,23 @@ class Settings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     task_processor: str = DEFAULT_PROCESSOR
+    max_attempts: int = 5
+    on_exhausted: str = DEAD_LETTER
+    # Server-side bounds of every session, so that a frozen or vanished worker cannot
+    # hold its locks for long. None means "derived from the lease": see from_env.
+    idle_in_transaction_timeout_seconds: float | None = None
+    statement_timeout_seconds: float = 30.0
+    lock_timeout_seconds: float = 10.0
+    # Send the bounds as startup options; off for poolers that refuse them (PgBouncer),
+    # in which case every task transaction sets them itself with SET LOCAL.
+    session_options: bool = True
+
+    @property
+    def idle_in_transaction_seconds(self) -> float:
+        """Just past the lease, past which the transaction's work could not commit."""
+        if self.idle_in_transaction_timeout_seconds is not None:
+            return self.idle_in_transaction_timeout_seconds
+        return self.lease_seconds + self.safety_margin_seconds
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -36,10 +59,18 @@ class Settings:
             retry_base_seconds=_positive(env, "RETRY_BASE_SECONDS", 2.0),
             retry_max_seconds=_positive(env, "RETRY_MAX_SECONDS", 300.0),
             task_processor=env.get("TASK_PROCESSOR", "").strip() or DEFAULT_PROCESSOR,
+            max_attempts=_whole(env, "MAX_ATTEMPTS", 5),
+            on_exhausted=_choice(env, "ON_EXHAUSTED", EXHAUSTION_POLICIES),
+            idle_in_transaction_timeout_seconds=_positive(
+                env, "IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", None
+            ),
+            statement_timeout_seconds=_positive(env, "STATEMENT_TIMEOUT_SECONDS", 30.0),
+            lock_timeout_seconds=_positive(env, "LOCK_TIMEOUT_SECONDS", 10.0),
+            session_options=_choice(env, "DB_SESSION_OPTIONS", ("on", "off")) == "on",
         )
 
 
-def _positive(env, name: str, default: float) -> float:
+def _positive(env, name: str, default):
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -47,6 +78,31 @@ def _positive(env, name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be greater than 0, got {raw!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(
+            f"{name} must be a finite number greater than 0, got {raw!r}"
+        )
     return value
+
+
+def _whole(env, name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigurationError(
+            f"{name} must be a whole number of at least 1, got {raw!r}"
+        )
+    return int(raw)
+
+
+def _choice(env, name: str, choices: tuple[str, ...]) -> str:
+    """The setting's value, one of choices; the first when unset."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise ConfigurationError(
+            f"{name} must be one of {', '.join(choices)}, got {raw!r}"
+        )
+    return raw

@@ -1,11 +1,12 @@
 """Connections to PostgreSQL: opened with a timeout, reused while warm, retried."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import psycopg
 from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import (
     RetryCallState,
     retry_if_exception,
@@ -14,6 +15,7 @@ from tenacity import (
 )
 from tenacity import Retrying as _Retrying
 
+from queue_core.config import Settings
 from queue_core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,53 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, psycopg.OperationalError) and error.sqlstate is None
 
 
+def server_bounds(settings: Settings) -> dict[str, str]:
+    """The server-side limits of a worker's sessions, in milliseconds.
+
+    A frozen or vanished client cannot then hold its locks for long: the server rolls
+    its transaction back once it has been idle past the lease.
+    """
+    return {
+        "idle_in_transaction_session_timeout": _ms(
+            settings.idle_in_transaction_seconds
+        ),
+        "statement_timeout": _ms(settings.statement_timeout_seconds),
+        "lock_timeout": _ms(settings.lock_timeout_seconds),
+    }
+
+
+def transaction_bounds(settings: Settings) -> dict[str, str]:
+    """The same limits, as parameters of the bound_transaction query."""
+    bounds = server_bounds(settings)
+    return {
+        "idle_in_transaction_ms": bounds["idle_in_transaction_session_timeout"],
+        "statement_ms": bounds["statement_timeout"],
+        "lock_ms": bounds["lock_timeout"],
+    }
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
 def connect(
-    conninfo: str, connect_timeout: int, application_name: str
+    conninfo: str,
+    connect_timeout: int,
+    application_name: str,
+    session_settings: Mapping[str, str] | None = None,
 ) -> psycopg.Connection:
-    """Open an autocommit connection; the queue issues its own BEGIN and COMMIT."""
+    """Open an autocommit connection; the queue issues its own BEGIN and COMMIT.
+
+    session_settings are sent as startup options (no SET statement, no round trip),
+    after any options the conninfo already carries.
+    """
+    extra: dict[str, object] = {}
+    if session_settings:
+        given = conninfo_to_dict(conninfo).get("options") or ""
+        ours = " ".join(
+            f"-c {name}={value}" for name, value in session_settings.items()
+        )
+        extra["options"] = f"{given} {ours}".strip()
     return psycopg.connect(
         conninfo,
         autocommit=True,
@@ -52,6 +97,7 @@ def connect(
         application_name=application_name,
         # Prepared statements do not survive a transaction-mode pooler.
         prepare_threshold=None,
+        **extra,
     )
 
 
@@ -63,12 +109,28 @@ class ConnectionHolder:
         conninfo: str,
         connect_timeout: int = 5,
         application_name: str = "queue_core",
+        session_settings: Mapping[str, str] | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
         self._application_name = application_name
+        self._session_settings = dict(session_settings or {})
         self._connection: psycopg.Connection | None = None
         self.connects = 0
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, application_name: str = "queue_core"
+    ) -> "ConnectionHolder":
+        """A holder whose sessions carry the server-side bounds, when settings allow."""
+        return cls(
+            settings.database_url,
+            connect_timeout=settings.connect_timeout_seconds,
+            application_name=application_name,
+            session_settings=(
+                server_bounds(settings) if settings.session_options else None
+            ),
+        )
 
     def get(self) -> psycopg.Connection:
         if self._connection is not None and not self._connection.closed:
@@ -79,7 +141,10 @@ class ConnectionHolder:
     def _open(self) -> psycopg.Connection:
         log.debug("connecting to the database", extra={"action": "db_connect"})
         connection = connect(
-            self._conninfo, self._connect_timeout, self._application_name
+            self._conninfo,
+            self._connect_timeout,
+            self._application_name,
+            self._session_settings,
         )
         self.connects += 1
         return connection

@@ -2,7 +2,9 @@
 
 A claim is one statement: it picks a batch whose head is ready, skipping lease rows that
 other claimers hold (FOR NO KEY UPDATE SKIP LOCKED), takes or takes over its lease with
-a new fencing token, and counts a start of the head in the same commit.
+a new fencing token, and counts a start of the head in the same commit. When the head
+has used up its attempts (its starts were cut short: the worker died, froze or lost its
+lease), the same statement applies the batch's policy instead, and the claim moves on.
 """
 
 import logging
@@ -10,23 +12,38 @@ from collections.abc import Sequence
 
 import psycopg
 
+from queue_core.config import DEAD_LETTER
 from queue_core.models import Lease
 from queue_core.queries import query
 
 log = logging.getLogger(__name__)
 
-# A claim that meets a held head tries the next batch, a bounded number of times.
+# A claim that meets a held head, or applies a policy, tries again, a bounded number
+# of times.
 MAX_BUSY_BATCHES = 8
+MAX_CLAIM_ROUNDS = 16
 
 
 class ClaimResult:
-    """A lease, or None and the ready batches whose head was held elsewhere."""
+    """A lease, or None and the ready batches whose head was held elsewhere.
 
-    __slots__ = ("busy_batch_ids", "lease")
+    dead_lettered and halted_batch_ids tell what the claim did to heads whose attempts
+    were used up, on its way to a lease.
+    """
 
-    def __init__(self, lease: Lease | None, busy_batch_ids: Sequence[str]) -> None:
+    __slots__ = ("busy_batch_ids", "dead_lettered", "halted_batch_ids", "lease")
+
+    def __init__(
+        self,
+        lease: Lease | None,
+        busy_batch_ids: Sequence[str],
+        dead_lettered: Sequence[int] = (),
+        halted_batch_ids: Sequence[str] = (),
+    ) -> None:
         self.lease = lease
         self.busy_batch_ids = list(busy_batch_ids)
+        self.dead_lettered = list(dead_lettered)
+        self.halted_batch_ids = list(halted_batch_ids)
 
 
 def claim_batch(
@@ -34,9 +51,16 @@ def claim_batch(
     worker_id: str,
     lease_seconds: float,
     preferred_batch_id: str | None = None,
+    *,
+    max_attempts: int = 5,
+    on_exhausted: str = DEAD_LETTER,
 ) -> ClaimResult:
     busy: list[str] = []
-    while len(busy) < MAX_BUSY_BATCHES:
+    dead_lettered: list[int] = []
+    halted: list[str] = []
+    for _round in range(MAX_CLAIM_ROUNDS):
+        if len(busy) >= MAX_BUSY_BATCHES:
+            break
         row = conn.execute(
             query("claim_batch"),
             {
@@ -44,13 +68,15 @@ def claim_batch(
                 "lease_seconds": lease_seconds,
                 "preferred_batch_id": preferred_batch_id,
                 "busy_batch_ids": busy,
+                "max_attempts": max_attempts,
+                "on_exhausted": on_exhausted,
             },
         ).fetchone()
         if row is None:
-            return ClaimResult(None, busy)
+            break
 
-        batch_id, previous_owner, fencing_token = row
-        if fencing_token is None:
+        batch_id, previous_owner, outcome, token, head_id, attempts, limit = row
+        if outcome == "busy":
             log.info(
                 "batch head held by another transaction, not claimed",
                 extra={
@@ -61,13 +87,46 @@ def claim_batch(
             )
             busy.append(batch_id)
             continue
+        if outcome != "claimed":
+            _log_exhausted(outcome, batch_id, head_id, attempts, limit, worker_id)
+            if outcome == "dead_lettered":
+                dead_lettered.append(head_id)
+            else:
+                halted.append(batch_id)
+            continue
 
-        lease = Lease(
-            batch_id, worker_id, fencing_token, taken_over_from=previous_owner
-        )
+        lease = Lease(batch_id, worker_id, token, taken_over_from=previous_owner)
         _log_claim(lease)
-        return ClaimResult(lease, busy)
-    return ClaimResult(None, busy)
+        return ClaimResult(lease, busy, dead_lettered, halted)
+    return ClaimResult(None, busy, dead_lettered, halted)
+
+
+def _log_exhausted(
+    outcome: str,
+    batch_id: str,
+    task_id: int,
+    attempts: int,
+    max_attempts: int,
+    worker_id: str,
+) -> None:
+    fields = {
+        "batch_id": batch_id,
+        "task_id": task_id,
+        "worker_id": worker_id,
+        "attempts": attempts,
+        "max_attempts": max_attempts,
+        "last_attempt": "no outcome recorded (worker died, froze or lost its lease)",
+    }
+    if outcome == "dead_lettered":
+        log.warning(
+            "task dead-lettered: attempts used up",
+            extra={**fields, "action": "task_dead_lettered"},
+        )
+    else:
+        log.error(
+            "batch halted: its head used up its attempts",
+            extra={**fields, "action": "batch_halted"},
+        )
 
 
 def release(conn: psycopg.Connection, lease: Lease) -> bool:
