@@ -306,3 +306,164 @@ FROM "BatchLocks" lease
 LEFT JOIN "Tasks" task ON task."BatchId" = lease."BatchId"
 GROUP BY lease."BatchId"
 ORDER BY lease."BatchId";
+
+-- name: list_batches
+-- The operator's view of every batch (or one): its lease, policy, halt, head and dead letters.
+SELECT lease."BatchId",
+       lease."LockedBy",
+       lease."FencingToken",
+       lease."LockedBy" IS NOT NULL
+           AND lease."LockedAt" > statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s) AS live,
+       CASE WHEN lease."LockedBy" IS NOT NULL
+            THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
+           AS lease_expires_at,
+       lease."MaxAttempts",
+       lease."OnExhausted",
+       lease."HaltedAt",
+       lease."HaltReason",
+       (SELECT count(*) FROM "Tasks" task WHERE task."BatchId" = lease."BatchId")
+           AS pending,
+       head."Id", head."Attempts", head."NotBefore", head."LastError",
+       (SELECT count(*) FROM "DeadLetters" dead WHERE dead."BatchId" = lease."BatchId")
+           AS dead_letters
+FROM "BatchLocks" lease
+LEFT JOIN LATERAL (
+    SELECT task."Id", task."Attempts", task."NotBefore", task."LastError"
+    FROM "Tasks" task
+    WHERE task."BatchId" = lease."BatchId"
+    ORDER BY task."Id"
+    LIMIT 1
+) AS head ON true
+WHERE %(batch_id)s::text IS NULL OR lease."BatchId" = %(batch_id)s
+ORDER BY lease."BatchId";
+
+-- name: lock_batch
+-- Lock a batch's lease row for an operator action. Every path that touches a batch takes
+-- its lease row before its tasks, and operators never wait for a task row after it.
+SELECT "BatchId", "LockedBy", "HaltedAt"
+FROM "BatchLocks"
+WHERE "BatchId" = %(batch_id)s
+FOR NO KEY UPDATE;
+
+-- name: revoke_lease
+-- Take a batch's lease from its owner, live or not. The new token fences off every later
+-- write of the former owner; its task in flight stays pending, for the next claim.
+UPDATE "BatchLocks"
+SET "LockedBy" = NULL,
+    "LockedAt" = statement_timestamp(),
+    "FencingToken" = "FencingToken" + 1
+WHERE "BatchId" = %(batch_id)s
+RETURNING "FencingToken";
+
+-- name: resume_batch
+-- Lift a batch's halt; its head gets a fresh set of attempts, to start at the next claim.
+-- A head row held by another transaction is skipped (and reported), never waited for.
+WITH resumed AS (
+    UPDATE "BatchLocks"
+    SET "HaltedAt" = NULL, "HaltReason" = NULL
+    WHERE "BatchId" = %(batch_id)s
+    RETURNING "BatchId"
+),
+head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    WHERE task."BatchId" = %(batch_id)s
+    ORDER BY task."Id"
+    LIMIT 1
+),
+locked_head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    JOIN head ON head."Id" = task."Id"
+    FOR NO KEY UPDATE OF task SKIP LOCKED
+),
+reset AS (
+    UPDATE "Tasks" task
+    SET "Attempts" = 0, "NotBefore" = NULL
+    FROM locked_head, resumed
+    WHERE task."Id" = locked_head."Id"
+    RETURNING task."Id"
+)
+SELECT (SELECT "Id" FROM head) AS head_id,
+       (SELECT "Id" FROM reset) AS reset_id,
+       (SELECT count(*) FROM resumed) AS resumed;
+
+-- name: set_batch_policy
+-- Set a batch's own attempt limit and exhaustion policy (NULL: the deployment's), creating
+-- its lease row when the batch has no task yet.
+INSERT INTO "BatchLocks" ("BatchId", "MaxAttempts", "OnExhausted")
+VALUES (%(batch_id)s, %(max_attempts)s, %(on_exhausted)s)
+ON CONFLICT ("BatchId") DO UPDATE
+SET "MaxAttempts" = CASE WHEN %(set_max_attempts)s THEN EXCLUDED."MaxAttempts"
+                         ELSE "BatchLocks"."MaxAttempts" END,
+    "OnExhausted" = CASE WHEN %(set_on_exhausted)s THEN EXCLUDED."OnExhausted"
+                         ELSE "BatchLocks"."OnExhausted" END
+RETURNING "MaxAttempts", "OnExhausted";
+
+-- name: cancel_batch
+-- Move a batch's pending tasks to the dead letters, as cancelled (to redrive or purge
+-- later). A task in flight, its row held by a worker, is skipped: it finishes or fails
+-- on its own. The caller holds the batch's lease row.
+WITH cancelled AS (
+    DELETE FROM "Tasks" task
+    WHERE task."Id" IN (
+        SELECT pending."Id"
+        FROM "Tasks" pending
+        WHERE pending."BatchId" = %(batch_id)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError",
+           "FirstFailedAt", "LastFailedAt", statement_timestamp(), 'cancelled'
+    FROM cancelled
+)
+SELECT "Id" FROM cancelled ORDER BY "Id";
+
+-- name: pending_task_ids
+-- The ids of a batch's pending tasks, in order.
+SELECT "Id" FROM "Tasks" WHERE "BatchId" = %(batch_id)s ORDER BY "Id";
+
+-- name: list_dead_letters
+-- Dead letters, of one batch or all, in batch and original order.
+SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError",
+       "FirstFailedAt", "LastFailedAt", "DeadLetteredAt", "Reason"
+FROM "DeadLetters"
+WHERE %(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s
+ORDER BY "BatchId", "Id"
+LIMIT %(limit)s;
+
+-- name: dead_letter_batches
+-- The batches that have dead letters (of one batch, when given).
+SELECT DISTINCT "BatchId"
+FROM "DeadLetters"
+WHERE %(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s
+ORDER BY "BatchId";
+
+-- name: redrive_batch
+-- Put a batch's dead letters (all, or the given ids) back among its tasks under their
+-- original ids: in their original order, ahead of every task enqueued after them, with a
+-- fresh set of attempts. The caller holds the batch's lease row.
+WITH revived AS (
+    DELETE FROM "DeadLetters"
+    WHERE "BatchId" = %(batch_id)s
+      AND (%(ids)s::bigint[] IS NULL OR "Id" = ANY (%(ids)s::bigint[]))
+    RETURNING *
+)
+INSERT INTO "Tasks" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError")
+SELECT "Id", "BatchId", "Payload", "EnqueuedAt", 0, "LastError"
+FROM revived
+ORDER BY "Id"
+RETURNING "Id";
+
+-- name: purge_dead_letters
+-- Delete dead letters for good: of one batch or all, all of them or the given ids.
+DELETE FROM "DeadLetters"
+WHERE (%(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s)
+  AND (%(ids)s::bigint[] IS NULL OR "Id" = ANY (%(ids)s::bigint[]))
+RETURNING "Id";

@@ -197,12 +197,6 @@ def test_missing_database_url_exits_2_with_a_clear_message():
     assert result.stderr.strip() == "error: DATABASE_URL is not set"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG queue_core/__main__.py main: a database that cannot be reached ends "
-    "in a psycopg.OperationalError traceback, not an 'error: ...' line (connect() is "
-    "neither retried nor wrapped in DatabaseUnavailable)",
-)
 def test_unreachable_database_exits_with_a_clear_message(tmp_path):
     result = cli(
         "migrate", database_url=f"postgresql://postgres@/postgres?host={tmp_path}"

@@ -323,14 +323,9 @@ def test_bad_direct_invoke_is_refused_and_changes_nothing(
     assert read_records(records_file) == []
 
 
-# ----------------------------------------- known defects: see the note in each reason
+# ------------------------------------------------- bodies and events of odd shapes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG handler/app.py process_task: a body marked isBase64Encoded that is not "
-    "base64 decodes to an empty body and starts a worker instead of a 400",
-)
 def test_body_that_is_not_base64_is_refused(handler_app, conn, queue, records_file):
     before = db.table_state(conn)
 
@@ -345,12 +340,6 @@ def test_body_that_is_not_base64_is_refused(handler_app, conn, queue, records_fi
     assert read_records(records_file) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG handler/app.py process_task: a base64 body that is not UTF-8 raises "
-    "UnicodeDecodeError out of the handler instead of a 400",
-)
 def test_base64_body_that_is_not_utf8_is_refused(handler_app, conn, queue):
     before = db.table_state(conn)
     body = base64.b64encode(b'{"batchId": "\xff"}').decode()
@@ -361,12 +350,6 @@ def test_base64_body_that_is_not_utf8_is_refused(handler_app, conn, queue):
     assert db.table_state(conn) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, AttributeError),
-    reason="BUG handler/app.py lambda_handler: a direct invoke whose requestContext is "
-    "not an object raises TypeError/AttributeError instead of an invalid_request",
-)
 @pytest.mark.parametrize("request_context", [5, "http", ["http"]])
 def test_direct_invoke_with_odd_request_context_is_refused(
     handler_app, conn, queue, request_context

@@ -1,6 +1,8 @@
 """The Lambda handler: a scheduled tick, POST /process-task on the Function URL, or a
 direct invoke each start one worker, which claims a batch and works it in order."""
 
+import base64
+import binascii
 import json
 import os
 from contextlib import AbstractContextManager
@@ -58,12 +60,15 @@ def _trace_step(name: str) -> AbstractContextManager:
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
-    if isinstance(event, dict) and "http" in (event.get("requestContext") or {}):
+    if _is_function_url_event(event):
         logger.set_correlation_id(event["requestContext"].get("requestId"))
         return url_app.resolve(event, context)
 
     if _is_scheduled_event(event):
-        tick = parse(event=event, model=EventBridgeModel)
+        try:
+            tick = parse(event=event, model=EventBridgeModel)
+        except ValidationError as error:
+            return _rejected(error, entry="schedule")
         logger.set_correlation_id(tick.id)
         return _work(WorkRequest(), context, entry="schedule")
 
@@ -84,16 +89,26 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
 @url_app.post("/process-task")
 def process_task() -> Response:
     event = url_app.current_event
-    body = event.decoded_body or ""
-    if len(body.encode()) > MAX_BODY_BYTES:
+    raw = _body_bytes(event.body, event.is_base64_encoded)
+    if raw is None:
+        return _http_error(400, [{"field": "body", "rule": "must be valid base64"}])
+    if len(raw) > MAX_BODY_BYTES:
         return _http_error(
             413, [{"field": "body", "rule": f"must be at most {MAX_BODY_BYTES} bytes"}]
         )
+    try:
+        body = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _http_error(400, [{"field": "body", "rule": "must be UTF-8 text"}])
     try:
         document = json.loads(body) if body.strip() else {}
     except json.JSONDecodeError as error:
         return _http_error(
             400, [{"field": "body", "rule": f"must be valid JSON ({error.msg})"}]
+        )
+    except RecursionError:
+        return _http_error(
+            400, [{"field": "body", "rule": "must not nest JSON this deeply"}]
         )
 
     try:
@@ -178,6 +193,23 @@ def _record_metrics(report: WorkReport) -> None:
         metrics.add_metric(
             "BatchesHalted", MetricUnit.Count, len(report.halted_batch_ids)
         )
+
+
+def _body_bytes(body: str | None, base64_encoded: bool) -> bytes | None:
+    """The request body as sent; None when it claims base64 and is not."""
+    if not body:
+        return b""
+    if not base64_encoded:
+        return body.encode("utf-8", "surrogatepass")
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _is_function_url_event(event: Any) -> bool:
+    context = event.get("requestContext") if isinstance(event, dict) else None
+    return isinstance(context, dict) and isinstance(context.get("http"), dict)
 
 
 def _is_scheduled_event(event: Any) -> bool:

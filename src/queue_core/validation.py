@@ -24,21 +24,14 @@ def check_batch_id(batch_id: object, field: str = "batchId") -> str:
 
 def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
     """The JSON text stored in "Payload", after checking the payload's limits."""
+    _check_structure(payload, field)
     try:
         text = json.dumps(
             payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         )
     except (TypeError, ValueError) as error:
         raise InvalidInput(field, f"must be JSON-serializable ({error})") from None
-    except RecursionError:
-        raise InvalidInput(
-            field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
-        ) from None
 
-    if "\\u0000" in text:
-        raise InvalidInput(
-            field, "must not contain NUL characters (PostgreSQL rejects them)"
-        )
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
@@ -49,20 +42,32 @@ def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
         raise InvalidInput(
             field, f"must be at most {max_bytes} bytes as JSON, got {size}"
         )
-    if _depth(payload) > MAX_PAYLOAD_DEPTH:
-        raise InvalidInput(field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels")
     return text
 
 
-def _depth(value: Any) -> int:
-    deepest = 0
-    stack = [(value, 1)]
+def _check_structure(payload: Any, field: str) -> None:
+    """Depth and NUL characters, checked without recursion (so any depth is safe)."""
+    stack = [(payload, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in item)
-    return deepest
+        if isinstance(item, str):
+            _check_text(item, field)
+        elif isinstance(item, dict | list | tuple):
+            if depth > MAX_PAYLOAD_DEPTH:
+                raise InvalidInput(
+                    field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
+                )
+            if isinstance(item, dict):
+                for key in item:
+                    if isinstance(key, str):
+                        _check_text(key, field)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, field: str) -> None:
+    if "\x00" in text:
+        raise InvalidInput(
+            field, "must not contain NUL characters (PostgreSQL rejects them)"
+        )
