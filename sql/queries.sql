@@ -133,7 +133,10 @@ LEFT JOIN locked_head ON true;
 -- name: bound_transaction
 -- Bound the current transaction on the server, for connections that cannot carry startup
 -- options (a pooler such as PgBouncer refuses them); the settings end with the transaction.
-SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_ms)s, true),
+-- transaction_timeout exists from PostgreSQL 17 on: CASE keeps older servers from seeing it.
+SELECT CASE WHEN current_setting('server_version_num')::int >= 170000
+            THEN set_config('transaction_timeout', %(transaction_ms)s, true) END,
+       set_config('idle_in_transaction_session_timeout', %(transaction_ms)s, true),
        set_config('statement_timeout', %(statement_ms)s, true),
        set_config('lock_timeout', %(lock_ms)s, true);
 

@@ -41,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _connect(settings: Settings) -> psycopg.Connection:
-    """A connection bounded like a worker's (lock and statement timeouts)."""
-    bounds = server_bounds(settings) if settings.session_options else None
+    """A connection bounded like a worker's (lock and statement timeouts).
+
+    Without transaction_timeout: a server older than PostgreSQL 17 would refuse it, and
+    the commands' transactions are short.
+    """
+    bounds = (
+        server_bounds(settings, transaction_timeout=False)
+        if settings.session_options
+        else None
+    )
     return connect(
         settings.database_url, settings.connect_timeout_seconds, "queue_cli", bounds
     )

@@ -28,8 +28,8 @@ class Settings:
     max_attempts: int = 5
     on_exhausted: str = DEAD_LETTER
     # Server-side bounds of every session, so that a frozen or vanished worker cannot
-    # hold its locks for long. None means "derived from the lease": see from_env.
-    idle_in_transaction_timeout_seconds: float | None = None
+    # hold its locks for long. None: just past the lease (see transaction_seconds).
+    transaction_timeout_seconds: float | None = None
     statement_timeout_seconds: float = 30.0
     lock_timeout_seconds: float = 10.0
     # Send the bounds as startup options; off for poolers that refuse them (PgBouncer),
@@ -37,10 +37,11 @@ class Settings:
     session_options: bool = True
 
     @property
-    def idle_in_transaction_seconds(self) -> float:
-        """Just past the lease, past which the transaction's work could not commit."""
-        if self.idle_in_transaction_timeout_seconds is not None:
-            return self.idle_in_transaction_timeout_seconds
+    def transaction_seconds(self) -> float:
+        """How long a transaction may last: by default just past the lease, when its
+        work could no longer commit anyway."""
+        if self.transaction_timeout_seconds is not None:
+            return self.transaction_timeout_seconds
         return self.lease_seconds + self.safety_margin_seconds
 
     @classmethod
@@ -61,8 +62,8 @@ class Settings:
             task_processor=env.get("TASK_PROCESSOR", "").strip() or DEFAULT_PROCESSOR,
             max_attempts=_whole(env, "MAX_ATTEMPTS", 5),
             on_exhausted=_choice(env, "ON_EXHAUSTED", EXHAUSTION_POLICIES),
-            idle_in_transaction_timeout_seconds=_positive(
-                env, "IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", None
+            transaction_timeout_seconds=_positive(
+                env, "TRANSACTION_TIMEOUT_SECONDS", None
             ),
             statement_timeout_seconds=_positive(env, "STATEMENT_TIMEOUT_SECONDS", 30.0),
             lock_timeout_seconds=_positive(env, "LOCK_TIMEOUT_SECONDS", 10.0),

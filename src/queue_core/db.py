@@ -43,26 +43,37 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, psycopg.OperationalError) and error.sqlstate is None
 
 
-def server_bounds(settings: Settings) -> dict[str, str]:
+# The first major version with transaction_timeout (as server_version_num).
+TRANSACTION_TIMEOUT_SINCE = 170000
+
+
+def server_bounds(
+    settings: Settings, *, transaction_timeout: bool = True
+) -> dict[str, str]:
     """The server-side limits of a worker's sessions, in milliseconds.
 
-    A frozen or vanished client cannot then hold its locks for long: the server rolls
-    its transaction back once it has been idle past the lease.
+    A frozen or vanished client cannot then hold its locks for long: the server ends
+    its session once its transaction has lasted past the lease. transaction_timeout
+    (PostgreSQL 17+) is the bound that holds: idle_in_transaction_session_timeout is
+    kept for older servers, but its timer stops at the Flush message that ends every
+    psycopg pipeline, so it only bounds transactions idle after a plain statement.
     """
-    return {
-        "idle_in_transaction_session_timeout": _ms(
-            settings.idle_in_transaction_seconds
-        ),
+    transaction_ms = _ms(settings.transaction_seconds)
+    bounds = {
+        "idle_in_transaction_session_timeout": transaction_ms,
         "statement_timeout": _ms(settings.statement_timeout_seconds),
         "lock_timeout": _ms(settings.lock_timeout_seconds),
     }
+    if transaction_timeout:
+        bounds["transaction_timeout"] = transaction_ms
+    return bounds
 
 
 def transaction_bounds(settings: Settings) -> dict[str, str]:
     """The same limits, as parameters of the bound_transaction query."""
     bounds = server_bounds(settings)
     return {
-        "idle_in_transaction_ms": bounds["idle_in_transaction_session_timeout"],
+        "transaction_ms": bounds["transaction_timeout"],
         "statement_ms": bounds["statement_timeout"],
         "lock_ms": bounds["lock_timeout"],
     }
@@ -115,6 +126,7 @@ class ConnectionHolder:
         self._connect_timeout = connect_timeout
         self._application_name = application_name
         self._session_settings = dict(session_settings or {})
+        self._server_version: int | None = None
         self._connection: psycopg.Connection | None = None
         self.connects = 0
 
@@ -140,12 +152,24 @@ class ConnectionHolder:
 
     def _open(self) -> psycopg.Connection:
         log.debug("connecting to the database", extra={"action": "db_connect"})
+        wanted = self._session_settings
+        known = self._server_version
+        first = wanted
+        if "transaction_timeout" in wanted and (
+            known is None or known < TRANSACTION_TIMEOUT_SINCE
+        ):
+            # An older server refuses a startup option it does not know, and only a
+            # connection tells the server's version: ask first, then reconnect.
+            first = {k: v for k, v in wanted.items() if k != "transaction_timeout"}
         connection = connect(
-            self._conninfo,
-            self._connect_timeout,
-            self._application_name,
-            self._session_settings,
+            self._conninfo, self._connect_timeout, self._application_name, first
         )
+        self._server_version = connection.info.server_version
+        if first is not wanted and self._server_version >= TRANSACTION_TIMEOUT_SINCE:
+            connection.close()
+            connection = connect(
+                self._conninfo, self._connect_timeout, self._application_name, wanted
+            )
         self.connects += 1
         return connection
 
