@@ -253,3 +253,59 @@ def test_connection_killed_mid_run_loses_nothing(conn, worker_processes, records
             if r["event"] == "end" and r["batch_id"] == batch
         ]
         assert ends == sorted(ends)
+
+
+# ---------------------------------------------------------------- a task that kills
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["dead-letter", "halt"])
+def test_task_that_kills_its_worker_every_time_is_given_up_after_max_attempts(
+    conn, worker_processes, records_file, policy
+):
+    # GIVEN batch C whose head kills the worker process that starts it, then a task
+    c_ids = enqueue_many(conn, [("C", {"die": True}), ("C", {"n": 1})])
+    env = {
+        "TASK_PROCESSOR": "tests.support.processors:record_or_die",
+        "LEASE_TIMEOUT_SECONDS": "1",
+        "MAX_ATTEMPTS": "2",
+        "ON_EXHAUSTED": policy,
+    }
+
+    # WHEN Lambda workers for C come one after another, each dying at the head
+    for _ in range(2):
+        victim = worker_processes.start("--events", "direct-invoke", env=env)
+        assert worker_processes.wait(victim, timeout=60) == -signal.SIGKILL
+        db.wait_until(
+            lambda: db.lease_expired(conn, "C", 1), timeout=30, what="lease expiry"
+        )
+    assert db.task(conn, c_ids[0])["Attempts"] == 2
+
+    # AND one more comes after the second death
+    last = worker_processes.start("--events", "direct-invoke", env=env)
+    assert worker_processes.wait(last, timeout=60) == 0, worker_processes.output(last)
+    (report,) = read_records(worker_processes.reports_file)
+    log_lines = (worker_processes.directory / f"worker-{last.number}.out").read_text()
+
+    # THEN its claim did not start the head a third time: it applied the policy
+    starts_of_head = [s for s in starts(records_file) if s[0] == c_ids[0]]
+    assert [attempt for _, attempt, _ in starts_of_head] == [1, 2]
+    if policy == "dead-letter":
+        # the head went to the dead letters, and the batch went on
+        assert report["deadLettered"] == [c_ids[0]]
+        assert report["completed"] == [c_ids[1]]
+        reason = conn.execute(
+            'SELECT "Reason", "Attempts" FROM "DeadLetters" WHERE "Id" = %s',
+            (c_ids[0],),
+        ).fetchone()
+        assert reason == ("abandoned", 2)
+        assert '"action":"task_dead_lettered"' in log_lines.replace(" ", "")
+        assert db.pending_ids(conn) == []
+    else:
+        # the batch halted, its tasks kept, nothing started
+        assert report["haltedBatches"] == ["C"]
+        assert report["completed"] == []
+        assert db.lease(conn, "C")["HaltedAt"] is not None
+        assert '"action":"batch_halted"' in log_lines.replace(" ", "")
+        assert db.pending_ids(conn) == c_ids
+        assert db.task(conn, c_ids[1])["Attempts"] == 0
