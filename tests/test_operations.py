@@ -1,4 +1,4 @@
-"""Operator actions from the command line, and alongside workers: no deadlock, no loss."""
+"""Operator actions, on the command line and beside workers: no deadlock, no loss."""
 
 import collections
 import json
