@@ -117,15 +117,22 @@ def test_worker_killed_at_any_step_leaves_its_batch_to_the_next_owner(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("session_options", ["on", "off"])
 def test_frozen_worker_is_cut_off_by_the_server_and_disturbs_no_one_when_it_wakes(
-    conn, db_url, records_file, fault_workers
+    conn, db_url, records_file, fault_workers, session_options
 ):
     # GIVEN batch B with three tasks
     b_ids = enqueue_many(conn, [("B", {"n": n}) for n in range(3)])
 
     # AND a worker process frozen (SIGSTOP) in the middle of B's head, whose session
-    # the server ends after 2 s idle in its transaction
-    victim = fault_workers.start("mid_task", batch="B", TRANSACTION_TIMEOUT_SECONDS="2")
+    # the server ends once its transaction has lasted 2 s (the bound set at connection,
+    # or, without startup options, by the transaction itself)
+    victim = fault_workers.start(
+        "mid_task",
+        batch="B",
+        TRANSACTION_TIMEOUT_SECONDS="2",
+        DB_SESSION_OPTIONS=session_options,
+    )
     fault_workers.wait_at(victim, "mid_task")
     victim.send_signal(signal.SIGSTOP)
 
