@@ -16,10 +16,17 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 ALL_VERSIONS = [path.stem for path in migration_files()]
 
 
-def cli(*args: str, database_url: str | None, stdin: str | None = None, **popen):
+def cli(
+    *args: str,
+    database_url: str | None,
+    stdin: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    **popen,
+):
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([f"{REPO_ROOT}/src", REPO_ROOT]),
+        **(extra_env or {}),
     }
     environment.pop("DATABASE_URL", None)
     if database_url is not None:
@@ -159,6 +166,23 @@ BAD_ENQUEUES = {
     "payload not JSON": (["--batch", "A", "--payload", "{order: 7}"], "--payload"),
     "payload with a NUL": (["--batch", "A", "--payload", '"\\u0000"'], "payload"),
     "no batch": (["--payload", "{}"], "--batch"),
+    "SQL in the batch": (["--batch", "A';DROP TABLE x;--"], "tasks[0].batchId"),
+    "payload nested too deep to parse": (
+        ["--batch", "A", "--payload", "[" * 6000 + "]" * 6000],
+        "--payload",
+    ),
+    "payload nested too deep": (
+        ["--batch", "A", "--payload", "[" * 40 + "]" * 40],
+        "tasks[0].payload",
+    ),
+    "payload not UTF-8": (
+        ["--batch", "A", "--payload", os.fsdecode(b'"\xff"')],
+        "tasks[0].payload",
+    ),
+    "payload over MAX_PAYLOAD_BYTES": (
+        ["--batch", "A", "--payload", '"' + "x" * 200 + '"'],
+        "tasks[0].payload: must be at most 100 bytes",
+    ),
 }
 
 
@@ -166,8 +190,10 @@ BAD_ENQUEUES = {
     ("args", "field"), BAD_ENQUEUES.values(), ids=BAD_ENQUEUES.keys()
 )
 def test_bad_enqueue_exits_2_naming_the_field(db_url, conn, args, field):
-    # WHEN enqueue is given bad input
-    result = cli("enqueue", *args, database_url=db_url)
+    # WHEN enqueue is given bad input (with payloads limited to 100 bytes)
+    result = cli(
+        "enqueue", *args, database_url=db_url, extra_env={"MAX_PAYLOAD_BYTES": "100"}
+    )
 
     # THEN it exits 2 with one clear line naming the field, and writes nothing
     assert result.returncode == 2
@@ -189,6 +215,43 @@ def test_bad_line_in_a_file_refuses_the_whole_file(db_url, conn, tmp_path):
     assert result.returncode == 2
     assert "line 3" in result.stderr
     assert db.table_state(conn) == {"tasks": [], "leases": []}
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        (b'{"batchId": "A"}\n{"batchId": "\xff"}\n', "line 2: must be valid UTF-8"),
+        (
+            b'{"batchId": "A", "payload": ' + b"[" * 6000 + b"]" * 6000 + b"}\n",
+            "line 1",
+        ),
+        (b'{"batchId": "A"}\n{"batchId": "A", "payload": "\\u0000"}\n', "payload"),
+        (b"{'batchId': 'A'}\n", "line 1: must be valid JSON"),
+    ],
+    ids=["not UTF-8", "nested too deep", "NUL", "not JSON"],
+)
+def test_bad_file_is_refused_whole_naming_the_line(
+    db_url, conn, tmp_path, content, where
+):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(content)
+
+    result = cli("enqueue", "--file", str(path), database_url=db_url)
+
+    assert result.returncode == 2
+    assert where in result.stderr
+    assert "Traceback" not in result.stderr
+    assert db.table_state(conn) == {"tasks": [], "leases": []}
+
+
+def test_password_never_appears_in_the_error(tmp_path):
+    password = "S3cret-Pa55word"
+    result = cli(
+        "stats", database_url=f"postgresql://u:{password}@/q?host={tmp_path}/nowhere"
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: database: ")
+    assert password not in result.stderr + result.stdout
 
 
 def test_missing_database_url_exits_2_with_a_clear_message():
