@@ -9,13 +9,16 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
 
-.PHONY: run test lint format db-url db-stop clean
+.PHONY: run test soak lint format db-url db-stop clean
 
 run: $(VENV)/.installed  ## migrate, enqueue a demo workload, run 8 workers, check the order
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.demo
 
 test: $(VENV)/.installed  ## the test suite, on a real PostgreSQL
 	DATABASE_URL="$(DB_URL)" $(PY) -m pytest $(PYTEST_ARGS)
+
+soak: $(VENV)/.installed  ## workers under kills, freezes and connection kills; SOAK_ARGS=...
+	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.soak $(SOAK_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
