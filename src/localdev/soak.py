@@ -57,9 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batches", type=int, default=24)
-    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument(
-        "--seconds", type=float, default=300, help="time bound of the whole run"
+        "--seconds",
+        type=float,
+        default=150,
+        help="how long tasks are enqueued and faults injected; then the queue must "
+        "drain within max(60 s, 10 leases)",
     )
     parser.add_argument("--lease", type=float, default=4.0, help="lease, seconds")
     parser.add_argument(
@@ -193,24 +197,30 @@ class Soak:
     def run(self) -> int:
         started = time.monotonic()
         self.url = self._database()
-        total, expected_dead = self._prepare()
+        self._prepare()
         print(
-            f"soak: {total} tasks over {self.args.batches} batches, "
-            f"{self.args.workers} workers, lease {self.args.lease:g} s, "
-            f"bound {self.args.seconds:g} s; records in {self.work_dir}",
+            f"soak: {self.args.tasks} tasks over {self.args.batches} batches, "
+            f"enqueued in waves for {self.args.seconds:g} s while faults are "
+            f"injected; {self.args.workers} workers, lease {self.args.lease:g} s; "
+            f"records in {self.work_dir}",
             flush=True,
         )
 
         for slot in range(self.args.workers):
             self._start_worker(slot)
         chaos = threading.Thread(target=self._chaos, daemon=True)
+        producer = threading.Thread(target=self._produce, daemon=True)
         chaos.start()
-        drained = self._supervise(started)
+        producer.start()
+        self._supervise(started, until=started + self.args.seconds, drain=False)
+        producer.join()
         self.stop_chaos.set()
         chaos.join(timeout=30)
+        drain_bound = time.monotonic() + max(60.0, 10 * self.args.lease)
+        drained = self._supervise(started, until=drain_bound, drain=True)
         self._stop_workers()
 
-        findings = self._check(total, expected_dead, drained)
+        findings = self._check(len(self.enqueued), self.expected_dead, drained)
         elapsed = time.monotonic() - started
         return self._report(findings, elapsed)
 
@@ -228,26 +238,44 @@ class Soak:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
         return conninfo.make_conninfo(base, dbname=SOAK_DATABASE)
 
-    def _prepare(self) -> tuple[int, set[int]]:
-        """Migrate, install the audit triggers, enqueue; the ids meant to die."""
-        from queue_core import enqueue_many, migrate
+    def _prepare(self) -> None:
+        """Migrate and install the audit triggers, on a queue that must be empty."""
+        from queue_core import migrate
 
-        batches = [f"soak-{n:02d}" for n in range(self.args.batches)]
-        tasks, kinds = [], []
-        for n in range(self.args.tasks):
-            payload, kind = self._payload()
-            tasks.append((batches[n % len(batches)], payload))
-            kinds.append(kind)
         with psycopg.connect(self.url, autocommit=True) as conn:
             migrate(conn)
             conn.execute(q("install_audit"))
             pending = conn.execute(q("pending_count")).fetchone()[0]
-            if pending:
-                raise SystemExit(f"soak: the database already holds {pending} tasks")
-            with conn.transaction():
-                ids = enqueue_many(conn, tasks)
-        self.enqueued = set(ids)
-        return len(ids), {i for i, kind in zip(ids, kinds, strict=True) if kind}
+        if pending:
+            raise SystemExit(f"soak: the database already holds {pending} tasks")
+        self.enqueued: set[int] = set()
+        self.expected_dead: set[int] = set()
+
+    def _produce(self) -> None:
+        """Enqueue the tasks in waves, over most of the run, as producers would."""
+        from queue_core import enqueue_many
+
+        batches = [f"soak-{n:02d}" for n in range(self.args.batches)]
+        waves = max(1, int(self.args.seconds * 0.8 / 0.5))
+        per_wave = -(-self.args.tasks // waves)
+        left = self.args.tasks
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while left > 0:
+                size = min(per_wave, left)
+                tasks, dying = [], []
+                for _ in range(size):
+                    payload, always_fails = self._payload()
+                    tasks.append((self.rng.choice(batches), payload))
+                    dying.append(always_fails)
+                with conn.transaction():
+                    ids = enqueue_many(conn, tasks)
+                self.enqueued.update(ids)
+                self.expected_dead.update(
+                    i for i, dies in zip(ids, dying, strict=True) if dies
+                )
+                left -= size
+                if self.stop_chaos.wait(0.5):
+                    break
 
     def _payload(self) -> tuple[dict, bool]:
         """A task's payload, and whether it is meant to end as a dead letter."""
@@ -336,9 +364,10 @@ class Soak:
         timer.daemon = True
         timer.start()
 
-    def _supervise(self, started: float) -> bool:
-        """Restart dead workers and show progress until the queue is empty."""
-        bound = started + self.args.seconds
+    def _supervise(self, started: float, until: float, drain: bool) -> bool:
+        """Restart dead workers and show progress until the time given, or (drain)
+        until the queue is empty; whether it is."""
+        bound = until
         last_progress = 0.0
         with psycopg.connect(self.url, autocommit=True) as observer:
             while time.monotonic() < bound:
@@ -356,16 +385,17 @@ class Soak:
                 if now - last_progress >= 5:
                     last_progress = now
                     print(
-                        f"  {now - started:6.1f}s  pending {pending:>6}  "
+                        f"  {now - started:6.1f}s  enqueued {len(self.enqueued):>6}  "
+                        f"pending {pending:>6}  "
                         f"kills {self.faults.kills}  freezes {self.faults.freezes}  "
                         f"connection kills {self.faults.connection_kills}  "
                         f"task crashes {self.faults.task_crashes}",
                         flush=True,
                     )
-                if pending == 0:
+                if drain and pending == 0:
                     return True
                 time.sleep(0.3)
-        return False
+        return not drain
 
     def _stop_workers(self) -> None:
         with self.lock:
