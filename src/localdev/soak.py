@@ -256,7 +256,7 @@ class Soak:
         from queue_core import enqueue_many
 
         batches = [f"soak-{n:02d}" for n in range(self.args.batches)]
-        waves = max(1, int(self.args.seconds * 0.8 / 0.5))
+        waves = max(1, int(self.args.seconds * 0.95 / 0.5))
         per_wave = -(-self.args.tasks // waves)
         left = self.args.tasks
         with psycopg.connect(self.url, autocommit=True) as conn:

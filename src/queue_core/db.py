@@ -32,6 +32,7 @@ _TRANSIENT = (
     errors.LockNotAvailable,
     errors.QueryCanceled,
     errors.IdleInTransactionSessionTimeout,
+    errors.TransactionTimeout,
 )
 
 
