@@ -121,6 +121,12 @@ def test_worker_killed_at_any_step_leaves_its_batch_to_the_next_owner(
 def test_frozen_worker_is_cut_off_by_the_server_and_disturbs_no_one_when_it_wakes(
     conn, db_url, records_file, fault_workers, session_options
 ):
+    if conn.info.server_version < 170000:
+        pytest.skip(
+            "needs transaction_timeout (PostgreSQL 17+): on older servers nothing ends "
+            "the transaction of a worker frozen after a pipeline"
+        )
+
     # GIVEN batch B with three tasks
     b_ids = enqueue_many(conn, [("B", {"n": n}) for n in range(3)])
 

@@ -59,6 +59,10 @@ def server_bounds(
     kept for older servers, but its timer stops at the Flush message that ends every
     psycopg pipeline, so it only bounds transactions idle after a plain statement.
     """
+    # TODO: on PostgreSQL < 17 nothing ends the task transaction of a worker frozen
+    # mid-task (its process stopped but alive), because psycopg ends each pipeline
+    # with a Flush message; a pipeline ending in Sync (psycopg) or a timer re-armed
+    # after Flush (PostgreSQL) would lift it. Dead clients are still cut off by TCP.
     transaction_ms = _ms(settings.transaction_seconds)
     bounds = {
         "idle_in_transaction_session_timeout": transaction_ms,
