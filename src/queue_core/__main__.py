@@ -121,7 +121,7 @@ def _leases(conn, settings: Settings, args) -> int:
     print(f"{'batch':<24} {'pending':>7} {'dead':>5}  {'state':<8} owner / reason")
     for batch in batches:
         if batch.halted_at is not None:
-            state, note = "HALTED", batch.halt_reason or ""
+            state, note = "HALTED", (batch.halt_reason or "")[:100]
         elif batch.lease_live:
             state, note = "leased", f"{batch.owner} (token {batch.fencing_token})"
         elif batch.owner is not None:
@@ -188,6 +188,11 @@ def _resume(conn, settings: Settings, args) -> int:
         )
     elif not resumed.was_halted:
         print(f"batch {args.batch_id} was not halted; nothing to do")
+    elif resumed.head_held:
+        print(
+            f"resumed batch {args.batch_id}; its head (task {resumed.head_id}) was "
+            "held by another transaction and keeps its attempts: resume again later"
+        )
     else:
         print(
             f"resumed batch {args.batch_id}; its head (task {resumed.head_id}) "
