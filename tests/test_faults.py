@@ -147,7 +147,8 @@ def test_frozen_worker_is_cut_off_by_the_server_and_disturbs_no_one_when_it_wake
         lambda: (
             not conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                " WHERE application_name = 'fault-worker')"
+                " WHERE application_name = 'fault-worker'"
+            " AND datname = current_database())"
             ).fetchone()[0]
         ),
         timeout=60,
@@ -242,6 +243,7 @@ def test_connection_killed_mid_run_loses_nothing(conn, worker_processes, records
     killed = conn.execute(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
         " WHERE application_name = 'task-queue-worker'"
+        " AND datname = current_database()"
     ).fetchone()[0]
     assert killed == 1
 
