@@ -148,7 +148,7 @@ def test_frozen_worker_is_cut_off_by_the_server_and_disturbs_no_one_when_it_wake
             not conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_stat_activity"
                 " WHERE application_name = 'fault-worker'"
-            " AND datname = current_database())"
+                " AND datname = current_database())"
             ).fetchone()[0]
         ),
         timeout=60,
