@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
 
-.PHONY: run test lint format db-url db-stop clean bench bench-quick cli invoke lambda-sources
+.PHONY: run test soak lint format db-url db-stop clean bench bench-quick cli invoke lambda-sources
 
 run: $(VENV)/.installed  ## migrate, enqueue a demo workload, run 8 workers, check the order
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.demo
@@ -34,6 +34,9 @@ cli: $(VENV)/.installed  ## the operator CLI on the same database: make cli ARGS
 EVENT ?= events/schedule-default.json
 invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
 	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
+
+soak: $(VENV)/.installed  ## workers under kills, freezes and connection kills; SOAK_ARGS=...
+	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.soak $(SOAK_ARGS)
 
 lint: $(VENV)/.installed  ## ruff, and cfn-lint on template.yaml
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

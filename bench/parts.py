@@ -88,7 +88,7 @@ class Bench:
                 )
 
     def _reset_queue(self) -> None:
-        self.conn.execute('TRUNCATE "Tasks", "BatchLocks"')
+        self.conn.execute('TRUNCATE "Tasks", "DeadLetters", "BatchLocks"')
 
     def _fill(self, batches: int, tasks: int, spread_seconds: int = 3600) -> None:
         """batches lease rows, least recently worked spread over the past hour, and
@@ -286,6 +286,8 @@ class Bench:
                     "lease_seconds": 300,
                     "preferred_batch_id": None,
                     "busy_batch_ids": [],
+                    "max_attempts": 5,
+                    "on_exhausted": "dead-letter",
                 }
                 for _ in range(self.sizes["claim_samples"]):
                     self.conn.execute("BEGIN")

@@ -21,14 +21,20 @@ RETURNING "Id";
 -- name: claim_batch
 -- Claim the lease of one batch whose head is ready (the preferred batch first, then the least
 -- recently worked one, walking the index of batches that may have work) and count a start of
--- its head. Competing claimers skip each other's lease rows; a head still locked by a frozen
--- former owner is reported, never skipped; a batch found empty is reported (has_head false)
--- so that the caller clears its stale marker.
+-- its head under the new fencing token. A head whose attempts are used up is not started:
+-- the batch's policy is applied to it instead (it goes to the dead letters, or the batch
+-- halts) and no lease is given. Competing claimers skip each other's lease rows; a head
+-- still locked by a frozen former owner is reported, never skipped; a batch found empty is
+-- reported (has_head false) so that the caller clears its stale marker.
+-- outcome: claimed, busy, dead_lettered or halted.
 WITH preferred AS MATERIALIZED (
-    SELECT lease."BatchId", lease."LockedBy" AS previous_owner
+    SELECT lease."BatchId", lease."LockedBy" AS previous_owner, lease."FencingToken",
+           coalesce(lease."MaxAttempts", %(max_attempts)s) AS max_attempts,
+           coalesce(lease."OnExhausted", %(on_exhausted)s) AS on_exhausted
     FROM "BatchLocks" lease
     WHERE lease."BatchId" = %(preferred_batch_id)s
       AND lease."MaybePending"
+      AND lease."HaltedAt" IS NULL
       AND (lease."LockedBy" IS NULL
            OR lease."LockedAt" <= statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s))
@@ -46,10 +52,13 @@ WITH preferred AS MATERIALIZED (
     FOR NO KEY UPDATE OF lease SKIP LOCKED
 ),
 least_recent AS MATERIALIZED (
-    SELECT lease."BatchId", lease."LockedBy" AS previous_owner
+    SELECT lease."BatchId", lease."LockedBy" AS previous_owner, lease."FencingToken",
+           coalesce(lease."MaxAttempts", %(max_attempts)s) AS max_attempts,
+           coalesce(lease."OnExhausted", %(on_exhausted)s) AS on_exhausted
     FROM "BatchLocks" lease
     WHERE NOT EXISTS (SELECT FROM preferred)
       AND lease."MaybePending"
+      AND lease."HaltedAt" IS NULL
       AND (lease."LockedBy" IS NULL
            OR lease."LockedAt" <= statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s))
@@ -82,32 +91,87 @@ head AS MATERIALIZED (
 ),
 -- Locks exactly the head, or nothing when another transaction holds it.
 locked_head AS MATERIALIZED (
-    SELECT task."Id"
+    SELECT task."Id", task."Attempts", task."LastError"
     FROM "Tasks" task
     JOIN head ON head."Id" = task."Id"
     FOR NO KEY UPDATE OF task SKIP LOCKED
 ),
+decision AS MATERIALIZED (
+    SELECT locked_head."Id",
+           CASE WHEN locked_head."Attempts" < candidate.max_attempts THEN 'claimed'
+                WHEN candidate.on_exhausted = 'halt' THEN 'halted'
+                ELSE 'dead_lettered'
+           END AS outcome
+    FROM locked_head CROSS JOIN candidate
+),
 started AS (
     UPDATE "Tasks" task
-    SET "Attempts" = task."Attempts" + 1
-    FROM locked_head
-    WHERE task."Id" = locked_head."Id"
+    SET "Attempts" = task."Attempts" + 1,
+        "StartToken" = candidate."FencingToken" + 1
+    FROM decision CROSS JOIN candidate
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'claimed'
 ),
+abandoned AS (
+    DELETE FROM "Tasks" task
+    USING decision
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'dead_lettered'
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+           coalesce("LastError", 'no error recorded: its starts ended without an outcome'
+                                 || ' (the worker died, froze or lost its lease)'),
+           coalesce("FirstFailedAt", statement_timestamp()), statement_timestamp(),
+           statement_timestamp(), 'abandoned'
+    FROM abandoned
+    ON CONFLICT ("Id") DO UPDATE
+    SET "BatchId" = EXCLUDED."BatchId", "Payload" = EXCLUDED."Payload",
+        "EnqueuedAt" = EXCLUDED."EnqueuedAt", "Attempts" = EXCLUDED."Attempts",
+        "LastError" = EXCLUDED."LastError", "FirstFailedAt" = EXCLUDED."FirstFailedAt",
+        "LastFailedAt" = EXCLUDED."LastFailedAt",
+        "DeadLetteredAt" = EXCLUDED."DeadLetteredAt", "Reason" = EXCLUDED."Reason"
+),
+-- Every decision takes a new token, so a former owner stays fenced off for good.
 claimed AS (
     UPDATE "BatchLocks" lease
-    SET "LockedBy" = %(worker_id)s,
+    SET "LockedBy" = CASE WHEN decision.outcome = 'claimed' THEN %(worker_id)s END,
         "LockedAt" = statement_timestamp(),
-        "FencingToken" = lease."FencingToken" + 1
-    FROM candidate
+        "FencingToken" = lease."FencingToken" + 1,
+        "HaltedAt" = CASE WHEN decision.outcome = 'halted' THEN statement_timestamp() END,
+        "HaltReason" = CASE WHEN decision.outcome = 'halted' THEN
+            format('task %%s: %%s of %%s attempts used, the last without an outcome'
+                   || ' (the worker died, froze or lost its lease); last error: %%s',
+                   locked_head."Id", locked_head."Attempts", candidate.max_attempts,
+                   coalesce(locked_head."LastError", 'none'))
+        END
+    FROM candidate, decision, locked_head
     WHERE lease."BatchId" = candidate."BatchId"
-      AND EXISTS (SELECT FROM locked_head)
     RETURNING lease."FencingToken"
 )
 SELECT candidate."BatchId",
        candidate.previous_owner,
+       coalesce(decision.outcome, 'busy') AS outcome,
        (SELECT "FencingToken" FROM claimed) AS fencing_token,
+       locked_head."Id" AS head_id,
+       locked_head."Attempts" AS head_attempts,
+       candidate.max_attempts,
        EXISTS (SELECT FROM head) AS has_head
-FROM candidate;
+FROM candidate
+LEFT JOIN decision ON true
+LEFT JOIN locked_head ON true;
+
+-- name: bound_transaction
+-- Bound the current transaction on the server, for connections that cannot carry startup
+-- options (a pooler such as PgBouncer refuses them); the settings end with the transaction.
+-- transaction_timeout exists from PostgreSQL 17 on: CASE keeps older servers from seeing it.
+SELECT CASE WHEN current_setting('server_version_num')::int >= 170000
+            THEN set_config('transaction_timeout', %(transaction_ms)s, true) END,
+       set_config('idle_in_transaction_session_timeout', %(transaction_ms)s, true),
+       set_config('statement_timeout', %(statement_ms)s, true),
+       set_config('lock_timeout', %(lock_ms)s, true);
 
 -- name: clear_marker
 -- Clear the pending-work marker of a batch found empty, unless a transaction that inserted
@@ -117,46 +181,63 @@ SELECT queue_clear_marker(%(batch_id)s);
 -- name: lock_head
 -- Lock the head of a batch for processing, if the caller's lease still holds. Returns no row
 -- when the batch is empty or the lease is gone, and a row without a task when another
--- transaction holds the head: the head is never skipped.
+-- transaction holds the head: the head is never skipped. started is false when the head's
+-- start was not counted under this lease (tasks were put back ahead of it meanwhile).
 WITH head AS MATERIALIZED (
     SELECT task."Id"
     FROM "Tasks" task
     JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
     WHERE lease."BatchId" = %(batch_id)s
       AND lease."FencingToken" = %(fencing_token)s
+      AND lease."LockedBy" IS NOT NULL
       AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
     ORDER BY task."Id"
     LIMIT 1
 ),
 locked AS MATERIALIZED (
-    SELECT task."Id", task."Payload", task."Attempts", task."EnqueuedAt"
+    SELECT task."Id", task."Payload", task."Attempts", task."EnqueuedAt", task."StartToken"
     FROM "Tasks" task
     JOIN head ON head."Id" = task."Id"
     FOR NO KEY UPDATE OF task SKIP LOCKED
 )
 SELECT head."Id" AS head_id, locked."Id", locked."Payload", locked."Attempts",
-       locked."EnqueuedAt"
+       locked."EnqueuedAt",
+       locked."StartToken" IS NOT DISTINCT FROM %(fencing_token)s AS started
 FROM head
 LEFT JOIN locked ON locked."Id" = head."Id";
 
 -- name: complete_task
--- Delete a finished task if the caller's lease still holds; renew the lease and count a start
--- of the next task (when continuing), or release the lease (when stopping). The row is always
--- locked, which fences the delete; "LockedAt" moves only once a tenth of the lease has
--- passed, so that most completions leave the indexed columns alone (a HOT update).
-WITH lease AS (
+-- Delete a finished task if the caller's lease still holds. When continuing, renew the lease
+-- and count a start of the next head under the same token, if that head may start now (its
+-- retry time has come, its attempts are not used up); else, or when stopping, or when the
+-- batch is empty, release the lease in the same statement. The row is always locked, which
+-- fences the delete; while the lease is kept, "LockedAt" moves only once a tenth of the
+-- lease has passed, so that most completions leave the indexed columns alone (HOT update).
+WITH next AS MATERIALIZED (
+    SELECT task."Id",
+           (task."NotBefore" IS NULL OR task."NotBefore" <= statement_timestamp())
+           AND task."Attempts" < coalesce(lease."MaxAttempts", %(max_attempts)s) AS ready
+    FROM "Tasks" task
+    JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
+    WHERE task."BatchId" = %(batch_id)s AND task."Id" <> %(task_id)s
+    ORDER BY task."Id"
+    LIMIT 1
+),
+lease AS (
     UPDATE "BatchLocks"
     SET "LockedAt" = CASE
-            WHEN NOT %(keep_lease)s
+            WHEN NOT (%(keep_lease)s AND coalesce((SELECT ready FROM next), false))
                  OR "LockedAt" <= statement_timestamp()
                                   - make_interval(secs => %(lease_seconds)s / 10.0)
             THEN statement_timestamp()
             ELSE "LockedAt" END,
-        "LockedBy" = CASE WHEN %(keep_lease)s THEN "LockedBy" END
+        "LockedBy" = CASE WHEN %(keep_lease)s AND (SELECT ready FROM next)
+                          THEN "LockedBy" END
     WHERE "BatchId" = %(batch_id)s
       AND "FencingToken" = %(fencing_token)s
+      AND "LockedBy" IS NOT NULL
       AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
-    RETURNING "BatchId"
+    RETURNING "BatchId", "LockedBy" IS NOT NULL AS kept
 ),
 done AS (
     DELETE FROM "Tasks" task
@@ -166,36 +247,90 @@ done AS (
 ),
 next_started AS (
     UPDATE "Tasks" task
-    SET "Attempts" = task."Attempts" + 1
-    WHERE %(keep_lease)s
-      AND task."Id" = (
-          SELECT next."Id"
-          FROM "Tasks" next
-          JOIN lease ON lease."BatchId" = next."BatchId"
-          WHERE next."Id" > %(task_id)s
-          ORDER BY next."Id"
-          LIMIT 1
-      )
+    SET "Attempts" = task."Attempts" + 1,
+        "StartToken" = %(fencing_token)s
+    FROM lease, next
+    WHERE lease.kept AND task."Id" = next."Id"
 )
-SELECT (SELECT count(*) FROM lease) AS lease_held, (SELECT count(*) FROM done) AS deleted;
+SELECT (SELECT count(*) FROM lease) AS lease_held,
+       (SELECT count(*) FROM done) AS deleted,
+       coalesce((SELECT kept FROM lease), false) AS continuing,
+       EXISTS (SELECT FROM next) AS more_pending;
 
 -- name: record_failure
--- Keep a failed task at the head with its error and a not-before time, and release the lease
--- so the batch is retried after the backoff; nothing changes if the lease was lost.
-WITH lease AS (
-    UPDATE "BatchLocks"
-    SET "LockedBy" = NULL, "LockedAt" = statement_timestamp()
-    WHERE "BatchId" = %(batch_id)s
-      AND "FencingToken" = %(fencing_token)s
-      AND "LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
-    RETURNING "BatchId"
+-- Record a failed attempt if the caller's lease still holds, and release the lease. With
+-- attempts left, the task stays at the head with its error and a not-before time. With its
+-- attempts used up, the batch's policy applies: the task moves to the dead letters (the
+-- batch goes on), or stays and the batch halts. outcome: retry, dead_lettered, halted, or
+-- gone (an operator removed the task meanwhile); no row when the lease was lost.
+WITH failed AS MATERIALIZED (
+    SELECT lease."BatchId", task."Id", task."Attempts",
+           coalesce(lease."MaxAttempts", %(max_attempts)s) AS max_attempts,
+           coalesce(lease."OnExhausted", %(on_exhausted)s) AS on_exhausted
+    FROM "BatchLocks" lease
+    LEFT JOIN "Tasks" task
+           ON task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
+    WHERE lease."BatchId" = %(batch_id)s
+      AND lease."FencingToken" = %(fencing_token)s
+      AND lease."LockedBy" IS NOT NULL
+      AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
+    FOR NO KEY UPDATE OF lease
+),
+decision AS MATERIALIZED (
+    SELECT failed.*,
+           CASE WHEN failed."Id" IS NULL THEN 'gone'
+                WHEN failed."Attempts" < failed.max_attempts THEN 'retry'
+                WHEN failed.on_exhausted = 'halt' THEN 'halted'
+                ELSE 'dead_lettered'
+           END AS outcome
+    FROM failed
+),
+lease AS (
+    UPDATE "BatchLocks" lease
+    SET "LockedBy" = NULL,
+        "LockedAt" = statement_timestamp(),
+        "HaltedAt" = CASE WHEN decision.outcome = 'halted' THEN statement_timestamp() END,
+        "HaltReason" = CASE WHEN decision.outcome = 'halted' THEN
+            format('task %%s: failed its last allowed attempt (%%s of %%s): %%s',
+                   decision."Id", decision."Attempts", decision.max_attempts,
+                   %(error)s::text)
+        END
+    FROM decision
+    WHERE lease."BatchId" = decision."BatchId"
+),
+kept AS (
+    UPDATE "Tasks" task
+    SET "LastError" = %(error)s,
+        "FirstFailedAt" = coalesce(task."FirstFailedAt", statement_timestamp()),
+        "LastFailedAt" = statement_timestamp(),
+        "NotBefore" = CASE WHEN decision.outcome = 'retry' THEN
+            statement_timestamp() + make_interval(secs => %(retry_delay_seconds)s) END
+    FROM decision
+    WHERE task."Id" = decision."Id" AND decision.outcome IN ('retry', 'halted')
+),
+dead AS (
+    DELETE FROM "Tasks" task
+    USING decision
+    WHERE task."Id" = decision."Id" AND decision.outcome = 'dead_lettered'
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", %(error)s,
+           coalesce("FirstFailedAt", statement_timestamp()), statement_timestamp(),
+           statement_timestamp(), 'failed'
+    FROM dead
+    ON CONFLICT ("Id") DO UPDATE
+    SET "BatchId" = EXCLUDED."BatchId", "Payload" = EXCLUDED."Payload",
+        "EnqueuedAt" = EXCLUDED."EnqueuedAt", "Attempts" = EXCLUDED."Attempts",
+        "LastError" = EXCLUDED."LastError", "FirstFailedAt" = EXCLUDED."FirstFailedAt",
+        "LastFailedAt" = EXCLUDED."LastFailedAt",
+        "DeadLetteredAt" = EXCLUDED."DeadLetteredAt", "Reason" = EXCLUDED."Reason"
 )
-UPDATE "Tasks" task
-SET "LastError" = %(error)s,
-    "NotBefore" = statement_timestamp() + make_interval(secs => %(retry_delay_seconds)s)
-FROM lease
-WHERE task."Id" = %(task_id)s AND task."BatchId" = lease."BatchId"
-RETURNING task."Id";
+SELECT decision."Id", decision.outcome, decision."Attempts", decision.max_attempts
+FROM decision;
 
 -- name: release_lease
 -- Give the lease back, if the caller still holds it; "LockedAt" keeps the time it was last
@@ -297,48 +432,168 @@ SELECT count(*) AS pending,
            AS oldest_pending_seconds
 FROM "Tasks";
 
--- name: list_leases
--- Held leases (or every lease row, when all_leases), with their owner, expiry and backlog.
-SELECT lease."BatchId" AS batch_id,
-       lease."LockedBy" AS owner,
-       lease."FencingToken" AS fencing_token,
-       lease."LockedAt" AS locked_at,
-       CASE WHEN lease."LockedBy" IS NOT NULL
-            THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
-           AS expires_at,
-       lease."LockedBy" IS NOT NULL
-           AND lease."LockedAt" <= statement_timestamp()
-                                   - make_interval(secs => %(lease_seconds)s)
-           AS expired,
-       (SELECT count(*) FROM "Tasks" task WHERE task."BatchId" = lease."BatchId")
-           AS pending
-FROM "BatchLocks" lease
-WHERE %(all_leases)s OR lease."LockedBy" IS NOT NULL
-ORDER BY lease."BatchId";
-
--- name: force_release_lease
--- An operator frees a batch's lease: a new fencing token, so that the former owner can no
--- longer renew, complete or delete anything; only if it is still held by expected_owner
--- (when given). Returns the former owner; no row when the batch is unknown or not held.
-UPDATE "BatchLocks" lease
-SET "LockedBy" = NULL,
-    "LockedAt" = statement_timestamp(),
-    "FencingToken" = lease."FencingToken" + 1
-FROM (
-    SELECT "BatchId", "LockedBy" FROM "BatchLocks"
-    WHERE "BatchId" = %(batch_id)s
-    FOR NO KEY UPDATE
-) AS previous
-WHERE lease."BatchId" = previous."BatchId"
-  AND lease."LockedBy" IS NOT NULL
-  AND (%(expected_owner)s::text IS NULL OR lease."LockedBy" = %(expected_owner)s)
-RETURNING previous."LockedBy" AS previous_owner, lease."FencingToken" AS fencing_token;
-
--- name: lease_owner
--- Who holds a batch's lease (NULL when free); no row when the batch does not exist.
-SELECT "LockedBy" FROM "BatchLocks" WHERE "BatchId" = %(batch_id)s;
-
 -- name: set_local_lock_timeout
 -- Bound how long the rest of this transaction waits for a row lock (an operator's write
 -- never queues behind a worker for long); transaction-local, so safe behind a pooler.
 SELECT set_config('lock_timeout', %(lock_timeout)s, true);
+
+-- name: list_batches
+-- The operator's view of every batch (or one): its lease, policy, halt, head and dead letters.
+SELECT lease."BatchId",
+       lease."LockedBy",
+       lease."FencingToken",
+       lease."LockedBy" IS NOT NULL
+           AND lease."LockedAt" > statement_timestamp()
+                                  - make_interval(secs => %(lease_seconds)s) AS live,
+       CASE WHEN lease."LockedBy" IS NOT NULL
+            THEN lease."LockedAt" + make_interval(secs => %(lease_seconds)s) END
+           AS lease_expires_at,
+       lease."MaxAttempts",
+       lease."OnExhausted",
+       lease."HaltedAt",
+       lease."HaltReason",
+       (SELECT count(*) FROM "Tasks" task WHERE task."BatchId" = lease."BatchId")
+           AS pending,
+       head."Id", head."Attempts", head."NotBefore", head."LastError",
+       (SELECT count(*) FROM "DeadLetters" dead WHERE dead."BatchId" = lease."BatchId")
+           AS dead_letters
+FROM "BatchLocks" lease
+LEFT JOIN LATERAL (
+    SELECT task."Id", task."Attempts", task."NotBefore", task."LastError"
+    FROM "Tasks" task
+    WHERE task."BatchId" = lease."BatchId"
+    ORDER BY task."Id"
+    LIMIT 1
+) AS head ON true
+WHERE %(batch_id)s::text IS NULL OR lease."BatchId" = %(batch_id)s
+ORDER BY lease."BatchId";
+
+-- name: lock_batch
+-- Lock a batch's lease row for an operator action. Every path that touches a batch takes
+-- its lease row before its tasks, and operators never wait for a task row after it.
+SELECT "BatchId", "LockedBy", "HaltedAt"
+FROM "BatchLocks"
+WHERE "BatchId" = %(batch_id)s
+FOR NO KEY UPDATE;
+
+-- name: revoke_lease
+-- Take a batch's lease from its owner, live or not. The new token fences off every later
+-- write of the former owner; its task in flight stays pending, for the next claim.
+UPDATE "BatchLocks"
+SET "LockedBy" = NULL,
+    "LockedAt" = statement_timestamp(),
+    "FencingToken" = "FencingToken" + 1
+WHERE "BatchId" = %(batch_id)s
+RETURNING "FencingToken";
+
+-- name: resume_batch
+-- Lift a batch's halt; its head gets a fresh set of attempts, to start at the next claim.
+-- A head row held by another transaction is skipped (and reported), never waited for.
+WITH resumed AS (
+    UPDATE "BatchLocks"
+    SET "HaltedAt" = NULL, "HaltReason" = NULL
+    WHERE "BatchId" = %(batch_id)s
+    RETURNING "BatchId"
+),
+head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    WHERE task."BatchId" = %(batch_id)s
+    ORDER BY task."Id"
+    LIMIT 1
+),
+locked_head AS MATERIALIZED (
+    SELECT task."Id"
+    FROM "Tasks" task
+    JOIN head ON head."Id" = task."Id"
+    FOR NO KEY UPDATE OF task SKIP LOCKED
+),
+reset AS (
+    UPDATE "Tasks" task
+    SET "Attempts" = 0, "NotBefore" = NULL
+    FROM locked_head, resumed
+    WHERE task."Id" = locked_head."Id"
+    RETURNING task."Id"
+)
+SELECT (SELECT "Id" FROM head) AS head_id,
+       (SELECT "Id" FROM reset) AS reset_id,
+       (SELECT count(*) FROM resumed) AS resumed;
+
+-- name: set_batch_policy
+-- Set a batch's own attempt limit and exhaustion policy (NULL: the deployment's), creating
+-- its lease row when the batch has no task yet.
+INSERT INTO "BatchLocks" ("BatchId", "MaxAttempts", "OnExhausted")
+VALUES (%(batch_id)s, %(max_attempts)s, %(on_exhausted)s)
+ON CONFLICT ("BatchId") DO UPDATE
+SET "MaxAttempts" = CASE WHEN %(set_max_attempts)s THEN EXCLUDED."MaxAttempts"
+                         ELSE "BatchLocks"."MaxAttempts" END,
+    "OnExhausted" = CASE WHEN %(set_on_exhausted)s THEN EXCLUDED."OnExhausted"
+                         ELSE "BatchLocks"."OnExhausted" END
+RETURNING "MaxAttempts", "OnExhausted";
+
+-- name: cancel_batch
+-- Move a batch's pending tasks to the dead letters, as cancelled (to redrive or purge
+-- later). A task in flight, its row held by a worker, is skipped: it finishes or fails
+-- on its own. The caller holds the batch's lease row.
+WITH cancelled AS (
+    DELETE FROM "Tasks" task
+    WHERE task."Id" IN (
+        SELECT pending."Id"
+        FROM "Tasks" pending
+        WHERE pending."BatchId" = %(batch_id)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING task.*
+),
+buried AS (
+    INSERT INTO "DeadLetters" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts",
+                               "LastError", "FirstFailedAt", "LastFailedAt",
+                               "DeadLetteredAt", "Reason")
+    SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError",
+           "FirstFailedAt", "LastFailedAt", statement_timestamp(), 'cancelled'
+    FROM cancelled
+)
+SELECT "Id" FROM cancelled ORDER BY "Id";
+
+-- name: pending_task_ids
+-- The ids of a batch's pending tasks, in order.
+SELECT "Id" FROM "Tasks" WHERE "BatchId" = %(batch_id)s ORDER BY "Id";
+
+-- name: list_dead_letters
+-- Dead letters, of one batch or all, in batch and original order.
+SELECT "Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError",
+       "FirstFailedAt", "LastFailedAt", "DeadLetteredAt", "Reason"
+FROM "DeadLetters"
+WHERE %(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s
+ORDER BY "BatchId", "Id"
+LIMIT %(limit)s;
+
+-- name: dead_letter_batches
+-- The batches that have dead letters (of one batch, when given).
+SELECT DISTINCT "BatchId"
+FROM "DeadLetters"
+WHERE %(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s
+ORDER BY "BatchId";
+
+-- name: redrive_batch
+-- Put a batch's dead letters (all, or the given ids) back among its tasks under their
+-- original ids: in their original order, ahead of every task enqueued after them, with a
+-- fresh set of attempts. The caller holds the batch's lease row.
+WITH revived AS (
+    DELETE FROM "DeadLetters"
+    WHERE "BatchId" = %(batch_id)s
+      AND (%(ids)s::bigint[] IS NULL OR "Id" = ANY (%(ids)s::bigint[]))
+    RETURNING *
+)
+INSERT INTO "Tasks" ("Id", "BatchId", "Payload", "EnqueuedAt", "Attempts", "LastError")
+SELECT "Id", "BatchId", "Payload", "EnqueuedAt", 0, "LastError"
+FROM revived
+ORDER BY "Id"
+RETURNING "Id";
+
+-- name: purge_dead_letters
+-- Delete dead letters for good: of one batch or all, all of them or the given ids.
+DELETE FROM "DeadLetters"
+WHERE (%(batch_id)s::text IS NULL OR "BatchId" = %(batch_id)s)
+  AND (%(ids)s::bigint[] IS NULL OR "Id" = ANY (%(ids)s::bigint[]))
+RETURNING "Id";

@@ -1,4 +1,6 @@
-"""The command line, python -m queue_core: migrate, enqueue, stats, leases."""
+"""The command line, python -m queue_core: migrate, enqueue, stats, leases, and the
+surface shared by every command (output, exit codes). The operator actions of issue 3
+(dead, resume, cancel, policy) are tested in test_operations.py."""
 
 import json
 import os
@@ -16,10 +18,17 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 ALL_VERSIONS = [path.stem for path in migration_files()]
 
 
-def cli(*args: str, database_url: str | None, stdin: str | None = None, **popen):
+def cli(
+    *args: str,
+    database_url: str | None,
+    stdin: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    **popen,
+):
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([f"{REPO_ROOT}/src", REPO_ROOT]),
+        **(extra_env or {}),
     }
     environment.pop("DATABASE_URL", None)
     if database_url is not None:
@@ -34,6 +43,12 @@ def cli(*args: str, database_url: str | None, stdin: str | None = None, **popen)
         timeout=60,
         **popen,
     )
+
+
+def run_json(*args: str, database_url: str) -> dict:
+    result = cli(*args, "--json", database_url=database_url)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def applied_versions(url: str) -> list[str]:
@@ -159,6 +174,23 @@ BAD_ENQUEUES = {
     "payload not JSON": (["--batch", "A", "--payload", "{order: 7}"], "--payload"),
     "payload with a NUL": (["--batch", "A", "--payload", '"\\u0000"'], "payload"),
     "no batch": (["--payload", "{}"], "--batch"),
+    "SQL in the batch": (["--batch", "A';DROP TABLE x;--"], "tasks[0].batchId"),
+    "payload nested too deep to parse": (
+        ["--batch", "A", "--payload", "[" * 6000 + "]" * 6000],
+        "--payload",
+    ),
+    "payload nested too deep": (
+        ["--batch", "A", "--payload", "[" * 40 + "]" * 40],
+        "tasks[0].payload",
+    ),
+    "payload not UTF-8": (
+        ["--batch", "A", "--payload", os.fsdecode(b'"\xff"')],
+        "tasks[0].payload",
+    ),
+    "payload over MAX_PAYLOAD_BYTES": (
+        ["--batch", "A", "--payload", '"' + "x" * 200 + '"'],
+        "tasks[0].payload: must be at most 100 bytes",
+    ),
 }
 
 
@@ -166,8 +198,10 @@ BAD_ENQUEUES = {
     ("args", "field"), BAD_ENQUEUES.values(), ids=BAD_ENQUEUES.keys()
 )
 def test_bad_enqueue_exits_2_naming_the_field(db_url, conn, args, field):
-    # WHEN enqueue is given bad input
-    result = cli("enqueue", *args, database_url=db_url)
+    # WHEN enqueue is given bad input (with payloads limited to 100 bytes)
+    result = cli(
+        "enqueue", *args, database_url=db_url, extra_env={"MAX_PAYLOAD_BYTES": "100"}
+    )
 
     # THEN it exits 2 with one clear line naming the field, and writes nothing
     assert result.returncode == 2
@@ -189,6 +223,43 @@ def test_bad_line_in_a_file_refuses_the_whole_file(db_url, conn, tmp_path):
     assert result.returncode == 2
     assert "line 3" in result.stderr
     assert db.table_state(conn) == {"tasks": [], "leases": []}
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        (b'{"batchId": "A"}\n{"batchId": "\xff"}\n', "line 2: must be valid UTF-8"),
+        (
+            b'{"batchId": "A", "payload": ' + b"[" * 6000 + b"]" * 6000 + b"}\n",
+            "line 1",
+        ),
+        (b'{"batchId": "A"}\n{"batchId": "A", "payload": "\\u0000"}\n', "payload"),
+        (b"{'batchId': 'A'}\n", "line 1: must be valid JSON"),
+    ],
+    ids=["not UTF-8", "nested too deep", "NUL", "not JSON"],
+)
+def test_bad_file_is_refused_whole_naming_the_line(
+    db_url, conn, tmp_path, content, where
+):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(content)
+
+    result = cli("enqueue", "--file", str(path), database_url=db_url)
+
+    assert result.returncode == 2
+    assert where in result.stderr
+    assert "Traceback" not in result.stderr
+    assert db.table_state(conn) == {"tasks": [], "leases": []}
+
+
+def test_password_never_appears_in_the_error(tmp_path):
+    password = "S3cret-Pa55word"
+    result = cli(
+        "stats", database_url=f"postgresql://u:{password}@/q?host={tmp_path}/nowhere"
+    )
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: database unreachable: ")
+    assert password not in result.stderr + result.stdout
 
 
 def test_missing_database_url_exits_2_with_a_clear_message():
@@ -246,6 +317,8 @@ def test_stats_shows_a_failed_head_as_blocked(db_url, conn):
             "task_id": head,
             "error": "RuntimeError: boom",
             "retry_delay_seconds": 600,
+            "max_attempts": 5,
+            "on_exhausted": "dead-letter",
         },
     )
 
@@ -292,7 +365,17 @@ def test_leases_lists_held_leases_and_all_with_all(db_url, conn):
     ]
     assert held["leases"][0]["expired"] is False
     assert [x["batchId"] for x in every["leases"]] == ["A", "B"]
-    assert text[0].split() == ["BATCH", "OWNER", "TOKEN", "EXPIRES", "PENDING"]
+    assert text[0].split() == [
+        "BATCH",
+        "OWNER",
+        "TOKEN",
+        "EXPIRES",
+        "PENDING",
+        "HEAD",
+        "ATTEMPTS",
+        "DEAD",
+        "HALTED",
+    ]
     assert text[1].split()[:3] == ["A", "worker-1", "1"]
 
 
@@ -308,6 +391,7 @@ def test_release_fences_the_owner_and_never_lets_the_head_run_twice(db_url, conn
         "batch_id": "A",
         "fencing_token": lease.fencing_token,
         "lease_seconds": 300,
+        "max_attempts": 5,
     }
     with psycopg.connect(db_url, autocommit=True) as worker_1:
         worker_1.execute("BEGIN")
@@ -332,7 +416,7 @@ def test_release_fences_the_owner_and_never_lets_the_head_run_twice(db_url, conn
         done = worker_1.execute(
             query("complete_task"), {**params, "task_id": first, "keep_lease": True}
         ).fetchone()
-        assert done == (0, 0)
+        assert done[:2] == (0, 0)
         worker_1.execute("ROLLBACK")
 
     # AND once worker-1's transaction is gone, the next owner starts from the head
@@ -377,6 +461,82 @@ def test_release_refusals_exit_1_with_the_reason(db_url, conn):
     assert "released the lease of batch 'A'" in right.stdout
 
 
+# ------------------------------------------------------------ halts, dead letters
+
+
+def test_stats_and_leases_show_a_halted_batch_and_dead_letters(db_url, conn):
+    # GIVEN batch H, halted by its own policy when its head failed its only attempt,
+    # and batch C cancelled: its two tasks are dead letters
+    from queue_core import enqueue_many, operations
+    from queue_core.lease import claim_batch
+    from queue_core.queries import query
+
+    (head,) = enqueue_many(conn, [("H", {})])
+    enqueue_many(conn, [("C", {}), ("C", {})])
+    operations.set_batch_policy(conn, "H", max_attempts=1, on_exhausted="halt")
+    lease = claim_batch(conn, "worker-1", 300, preferred_batch_id="H").lease
+    conn.execute(
+        query("record_failure"),
+        {
+            "batch_id": "H",
+            "fencing_token": lease.fencing_token,
+            "lease_seconds": 300,
+            "task_id": head,
+            "error": "RuntimeError: boom",
+            "retry_delay_seconds": 600,
+            "max_attempts": 5,
+            "on_exhausted": "dead-letter",
+        },
+    )
+    assert cli("cancel", "C", database_url=db_url).returncode == 0
+
+    # WHEN stats runs
+    stats = run_json("stats", database_url=db_url)["batches"]
+    text = cli("stats", database_url=db_url).stdout
+
+    # THEN H is blocked because it is halted, and says why; C shows its dead letters
+    batches = {b["batchId"]: b for b in stats}
+    assert (batches["H"]["blocked"], batches["H"]["halted"]) == (True, True)
+    assert batches["H"]["haltReason"].startswith(f"task {head}: ")
+    assert "RuntimeError: boom" in batches["H"]["haltReason"]
+    assert (batches["C"]["blocked"], batches["C"]["deadLetters"]) == (False, 2)
+    line_h = next(line for line in text.splitlines() if line.startswith("H "))
+    assert f"yes: halted: task {head}: " in line_h
+
+    # AND leases shows the halt, the head's attempts and the dead letters too
+    (h_lease,) = run_json("leases", "--batch", "H", database_url=db_url)["leases"]
+    assert (h_lease["owner"], h_lease["halted"], h_lease["deadLetters"]) == (
+        None,
+        True,
+        0,
+    )
+    assert (h_lease["headTaskId"], h_lease["headAttempts"]) == (head, 1)
+    assert (h_lease["maxAttempts"], h_lease["onExhausted"]) == (1, "halt")
+    every = cli("leases", "--all", database_url=db_url).stdout.splitlines()
+    lines = {line.split()[0]: line for line in every[1:]}
+    assert f"yes: task {head}: " in lines["H"]
+    assert lines["C"].split()[-2:] == ["2", "no"]
+    missing = cli("leases", "--batch", "Z", database_url=db_url)
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1,
+        "error: batch 'Z' does not exist",
+    )
+
+    # WHEN H is resumed (--json before the command)
+    resumed = cli("--json", "resume", "H", database_url=db_url)
+    assert json.loads(resumed.stdout)["wasHalted"] is True
+
+    # THEN it is no longer blocked: its head has a fresh set of attempts, and its
+    # last error is kept for the record
+    (after,) = run_json("stats", "--batch", "H", database_url=db_url)["batches"]
+    assert (after["blocked"], after["halted"], after["headAttempts"]) == (
+        False,
+        False,
+        0,
+    )
+    assert after["headLastError"] == "RuntimeError: boom"
+
+
 # ----------------------------------------------------------------------- output
 
 
@@ -406,7 +566,7 @@ def test_unmigrated_database_says_to_migrate(empty_db_url):
 
 BAD_FILES = {
     "unknown field": ('{"batchId": "A", "paylod": {}}\n', "line 1", "paylod"),
-    "not UTF-8": (b'{"batchId": "\xff"}\n', "--file", "UTF-8"),
+    "not UTF-8": (b'{"batchId": "\xff"}\n', "line 1", "UTF-8"),
     "empty": ("\n\n", "--file", "holds no task"),
 }
 

@@ -89,7 +89,12 @@ def test_frozen_worker_cannot_complete_after_its_lease_expired(
     frozen = worker_processes.start(
         "--events",
         "schedule-input-batch-b",
-        env={"LEASE_TIMEOUT_SECONDS": "1", "RECORD_SLEEP_SECONDS": "2"},
+        env={
+            "LEASE_TIMEOUT_SECONDS": "1",
+            "RECORD_SLEEP_SECONDS": "2",
+            # Longer than the test: here the frozen worker must keep its row lock.
+            "TRANSACTION_TIMEOUT_SECONDS": "120",
+        },
     )
     db.wait_until(
         lambda: _starts_of(records_file, pid=frozen.pid),

@@ -98,7 +98,10 @@ def test_plan_counts_only_batches_a_worker_could_claim_now(conn):
         """UPDATE "BatchLocks" SET "LockedAt" = now() - interval '1 hour'
            WHERE "BatchId" = 'expired'"""
     )
-    conn.execute("""INSERT INTO "BatchLocks" VALUES ('ghost', NULL, NULL, 0, true)""")
+    conn.execute(
+        """INSERT INTO "BatchLocks" ("BatchId", "MaybePending")
+           VALUES ('ghost', true)"""
+    )
 
     # WHEN the tick plans with room for ten workers
     plan = plan_dispatch(conn, lease_seconds=300, max_concurrency=10)
@@ -138,7 +141,7 @@ def test_idle_tick_issues_one_query_and_invokes_nothing(
     # WHEN the schedule ticks
     response = tick(handler_app)
 
-    # THEN it sent one statement and invoked nothing
+    # THEN it opened one connection, sent one statement and invoked nothing
     assert statements == [1]
     assert lambda_calls == []
     assert response["outcome"] == "no_work"

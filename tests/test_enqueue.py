@@ -100,6 +100,13 @@ BAD_TASKS = {
     "too deep": (("A", nested(MAX_PAYLOAD_DEPTH + 1)), "tasks[0].payload"),
     "far too deep": (("A", nested(100_000)), "tasks[0].payload"),
     "too large": (("A", "x" * 1024), "tasks[0].payload"),
+    "SQL in the batch": (('A\'; DROP TABLE "Tasks"; --', {}), "tasks[0].batchId"),
+    "NUL in the batch": (("A\x00", {}), "tasks[0].batchId"),
+    "batch a list": ((["A"], {}), "tasks[0].batchId"),
+    "bytes": (("A", b"\xff\xfe"), "tasks[0].payload"),
+    "bytes in a value": (("A", {"x": b"abc"}), "tasks[0].payload"),
+    "lone surrogate in a key": (("A", {"\udc80": 1}), "tasks[0].payload"),
+    "too large with multibyte text": (("A", "é" * 600), "tasks[0].payload"),
 }
 
 

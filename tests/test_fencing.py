@@ -47,6 +47,8 @@ def test_stale_owner_statements_change_nothing_after_a_takeover(conn, second_con
         "batch_id": "A",
         "fencing_token": old.fencing_token,
         "lease_seconds": LONG_LEASE,
+        "max_attempts": 5,
+        "on_exhausted": "dead-letter",
     }
     locked = conn.execute(query("lock_head"), stale).fetchall()
     completed = [
@@ -64,7 +66,7 @@ def test_stale_owner_statements_change_nothing_after_a_takeover(conn, second_con
 
     # THEN none of them did anything
     assert locked == []
-    assert completed == [(0, 0), (0, 0)]
+    assert [row[:3] for row in completed] == [(0, 0, False), (0, 0, False)]
     assert failed == []
     assert released is False
     assert db.table_state(conn) == before

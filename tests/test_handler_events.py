@@ -262,6 +262,49 @@ BAD_HTTP_REQUESTS = {
         413,
         "body",
     ),
+    "JSON nested too deep to parse": (
+        lambda: function_url_event("[" * 6000 + "]" * 6000),
+        400,
+        "body",
+    ),
+    "a JSON number": (lambda: function_url_event("5"), 400, "body"),
+    "a JSON string": (lambda: function_url_event('"B"'), 400, "body"),
+    "batchId true": (lambda: function_url_event('{"batchId": true}'), 400, "batchId"),
+    "batchId an object": (
+        lambda: function_url_event('{"batchId": {"$ne": ""}}'),
+        400,
+        "batchId",
+    ),
+    "batchId nested lists": (
+        lambda: function_url_event('{"batchId": ' + "[" * 50 + "]" * 50 + "}"),
+        400,
+        "batchId",
+    ),
+    "batchId with a NUL": (
+        lambda: function_url_event('{"batchId": "A\\u0000"}'),
+        400,
+        "batchId",
+    ),
+    "batchId with a lone surrogate": (
+        lambda: function_url_event('{"batchId": "A\\ud800"}'),
+        400,
+        "batchId",
+    ),
+    "batchId with SQL": (
+        lambda: function_url_event(json.dumps({"batchId": "A' OR '1'='1"})),
+        400,
+        "batchId",
+    ),
+    "workerId a number": (
+        lambda: function_url_event('{"workerId": 7}'),
+        400,
+        "workerId",
+    ),
+    "workerId with a NUL": (
+        lambda: function_url_event('{"workerId": "w\\u0000"}'),
+        400,
+        "workerId",
+    ),
     "base64 body over the size limit": (
         lambda: function_url_event(
             base64.b64encode(_oversized_body().encode()).decode(), base64_encoded=True
@@ -320,6 +363,16 @@ BAD_DIRECT_INVOKES = {
     "requestContext a string": ({"requestContext": "http"}, "requestContext"),
     "requestContext a list": ({"requestContext": ["http"]}, "requestContext"),
     "requestContext without http": ({"requestContext": {}}, "requestContext"),
+    "true": (True, "event"),
+    "batchId empty": ({"batchId": ""}, "batchId"),
+    "batchId true": ({"batchId": True}, "batchId"),
+    "batchId an object": ({"batchId": {"$ne": ""}}, "batchId"),
+    "batchId with a NUL": ({"batchId": "A\x00"}, "batchId"),
+    "batchId with a newline": ({"batchId": "A\n"}, "batchId"),
+    "batchId deeply nested": ({"batchId": [[[[[["A"]]]]]]}, "batchId"),
+    "workerId with a NUL": ({"workerId": "w\x00"}, "workerId"),
+    "workerId of 129 characters": ({"workerId": "w" * 129}, "workerId"),
+    "schedule Input with a bad batch": ({"batchId": "no spaces"}, "batchId"),
 }
 
 
@@ -343,7 +396,7 @@ def test_bad_direct_invoke_is_refused_and_changes_nothing(
     assert read_records(records_file) == []
 
 
-# ----------------------------------------- known defects: see the note in each reason
+# ------------------------------------------------- bodies and events of odd shapes
 
 
 def test_incomplete_scheduled_event_is_refused(handler_app, conn, queue):
@@ -371,3 +424,71 @@ def test_body_that_is_a_json_string_is_refused(handler_app, conn, queue, records
     assert response["statusCode"] == 400
     assert db.table_state(conn) == before
     assert read_records(records_file) == []
+
+
+def test_base64_body_that_is_not_utf8_is_refused(handler_app, conn, queue):
+    before = db.table_state(conn)
+    body = base64.b64encode(b'{"batchId": "\xff"}').decode()
+
+    response, _ = invoke(handler_app, function_url_event(body, base64_encoded=True))
+
+    assert response["statusCode"] == 400
+    assert db.table_state(conn) == before
+
+
+@pytest.mark.parametrize("request_context", [5, "http", ["http"]])
+def test_direct_invoke_with_odd_request_context_is_refused(
+    handler_app, conn, queue, request_context
+):
+    before = db.table_state(conn)
+
+    answer, _ = invoke(handler_app, {"requestContext": request_context})
+
+    assert answer["error"] == "invalid_request"
+    assert db.table_state(conn) == before
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"source": "aws.events", "detail-type": "Scheduled Event"},
+        {**load_event("schedule-default"), "time": "not a time"},
+        {**load_event("schedule-default"), "detail": "not an object"},
+    ],
+    ids=["fields missing", "bad time", "bad detail"],
+)
+def test_malformed_scheduled_event_is_refused(handler_app, conn, queue, event):
+    before = db.table_state(conn)
+
+    answer, _ = invoke(handler_app, event)
+
+    assert answer["error"] == "invalid_request"
+    assert answer["problems"]
+    assert db.table_state(conn) == before
+
+
+# ------------------------------------------------------------------ secrets
+
+
+def test_logs_never_show_the_password_or_the_connection_string(
+    handler_app, monkeypatch, capsys, caplog, tmp_path
+):
+    # GIVEN a DATABASE_URL with a password, for a server that cannot be reached
+    password = "S3cret-Pa55word"
+    url = f"postgresql://queue_user:{password}@/queue?host={tmp_path}/nowhere"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("CONNECT_TIMEOUT_SECONDS", "1")
+
+    # WHEN the Function URL and a direct invoke are tried
+    response, _ = invoke(handler_app, load_event("function-url-process-task"))
+    with pytest.raises(Exception) as raised:
+        invoke(handler_app, load_event("direct-invoke"))
+
+    # THEN they fail as unavailable, and nothing written anywhere shows the secret
+    assert response["statusCode"] == 503
+    captured = capsys.readouterr()
+    written = captured.out + captured.err + caplog.text + response["body"]
+    written += str(raised.value) + repr(raised.value)
+    assert password not in written
+    assert url not in written
+    assert "queue_user:" not in written

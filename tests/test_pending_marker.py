@@ -184,6 +184,8 @@ def test_claim_and_dispatch_walk_the_marker_index_not_every_batch(conn, name):
         "lease_seconds": 300,
         "preferred_batch_id": None,
         "busy_batch_ids": [],
+        "max_attempts": 5,
+        "on_exhausted": "dead-letter",
         "limit": 10,
     }
     plan = "\n".join(

@@ -124,6 +124,8 @@ def test_concurrent_workers_through_pgbouncer_keep_fifo_and_one_owner(
             str(number),
             env={
                 "DATABASE_URL": pooled_url,
+                # PgBouncer refuses startup options: bounds go per transaction.
+                "DB_SESSION_OPTIONS": "off",
                 "TASK_BUDGET_SECONDS": "0.1",
                 "SAFETY_MARGIN_SECONDS": "0.1",
                 "RECORD_SLEEP_SECONDS": "0.02",

@@ -17,6 +17,7 @@ TRANSIENT = [
     errors.LockNotAvailable,
     errors.QueryCanceled,
     errors.IdleInTransactionSessionTimeout,
+    errors.TransactionTimeout,
 ]
 PERMANENT = [
     errors.UniqueViolation,

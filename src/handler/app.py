@@ -54,10 +54,10 @@ def _state() -> tuple[Settings, ConnectionHolder]:
     global _settings, _connections
     if _connections is None or _settings is None:
         _settings = Settings.from_env(require_database_url=False)
-        _connections = ConnectionHolder(
-            conninfo_provider(os.environ),
-            connect_timeout=_settings.connect_timeout_seconds,
+        _connections = ConnectionHolder.for_settings(
+            _settings,
             application_name="task-queue-worker",
+            conninfo=conninfo_provider(os.environ),
         )
     return _settings, _connections
 
@@ -116,6 +116,9 @@ def process_task() -> Response:
         document = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as error:
         problem = {"field": "body", "rule": f"must be valid JSON ({error.msg})"}
+        return _http_error(400, [problem])
+    except RecursionError:
+        problem = {"field": "body", "rule": "must not nest JSON this deeply"}
         return _http_error(400, [problem])
     if not isinstance(document, dict):
         problem = {"field": "body", "rule": "must be a JSON object"}
@@ -247,12 +250,12 @@ def _record_metrics(report: WorkReport) -> None:
     # failed start is counted in TasksFailed).
     retried = sum(1 for task in report.completed if task.attempt > 1)
     metrics.add_metric("TaskRetries", MetricUnit.Count, retried)
+    failed = (Outcome.TASK_FAILED, Outcome.DEAD_LETTERED, Outcome.BATCH_HALTED)
     metrics.add_metric(
-        "TasksFailed",
-        MetricUnit.Count,
-        1 if report.outcome is Outcome.TASK_FAILED else 0,
+        "TasksFailed", MetricUnit.Count, 1 if report.outcome in failed else 0
     )
     metrics.add_metric("TasksDeadLettered", MetricUnit.Count, len(report.dead_lettered))
+    metrics.add_metric("BatchesHalted", MetricUnit.Count, len(report.halted_batch_ids))
     counted = {
         Outcome.NO_WORK: "NoWorkInvocations",
         Outcome.BATCH_BUSY: "BatchBusyInvocations",
@@ -263,6 +266,11 @@ def _record_metrics(report: WorkReport) -> None:
         metrics.add_metric(counted[report.outcome], MetricUnit.Count, 1)
     if report.taken_over_from:
         metrics.add_metric("LeaseTakeovers", MetricUnit.Count, 1)
+
+
+def _is_function_url_event(event: Any) -> bool:
+    context = event.get("requestContext") if isinstance(event, dict) else None
+    return isinstance(context, dict) and isinstance(context.get("http"), dict)
 
 
 def _raw_body(body: str, is_base64: bool) -> bytes:
@@ -284,15 +292,6 @@ def _raw_body(body: str, is_base64: bool) -> bytes:
 def _body_too_large() -> Response:
     rule = f"must be at most {MAX_BODY_BYTES} bytes"
     return _http_error(413, [{"field": "body", "rule": rule}])
-
-
-def _is_function_url_event(event: Any) -> bool:
-    if not isinstance(event, dict):
-        return False
-    request_context = event.get("requestContext")
-    return isinstance(request_context, dict) and isinstance(
-        request_context.get("http"), dict
-    )
 
 
 def _is_scheduled_event(event: Any) -> bool:

@@ -11,6 +11,7 @@ from queue_core.errors import (
     DatabaseUnavailable,
     InvalidInput,
     QueueError,
+    UnknownBatch,
 )
 from queue_core.migrations import migrate
 from queue_core.models import Lease, Outcome, Task, WorkReport
@@ -28,6 +29,7 @@ __all__ = [
     "QueueError",
     "Settings",
     "Task",
+    "UnknownBatch",
     "WorkReport",
     "Worker",
     "check_batch_id",

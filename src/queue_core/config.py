@@ -1,5 +1,6 @@
 """Settings of a worker, read once from the environment."""
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -7,6 +8,11 @@ from dataclasses import dataclass, field
 from queue_core.errors import ConfigurationError
 
 DEFAULT_PROCESSOR = "queue_core.processor:simulated_work"
+
+# What happens to a task whose attempts are used up: see ON_EXHAUSTED.
+DEAD_LETTER = "dead-letter"
+HALT = "halt"
+EXHAUSTION_POLICIES = (DEAD_LETTER, HALT)
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,24 @@ class Settings:
     max_concurrency: int = 1
     # Batches one invocation works in turn while time allows (the first one included).
     worker_max_batches: int = 1
+    max_attempts: int = 5
+    on_exhausted: str = DEAD_LETTER
+    # Server-side bounds of every session, so that a frozen or vanished worker cannot
+    # hold its locks for long. None: just past the lease (see transaction_seconds).
+    transaction_timeout_seconds: float | None = None
+    statement_timeout_seconds: float = 30.0
+    lock_timeout_seconds: float = 10.0
+    # Send the bounds as startup options; off for poolers that refuse them (PgBouncer),
+    # in which case every task transaction sets them itself with SET LOCAL.
+    session_options: bool = True
+
+    @property
+    def transaction_seconds(self) -> float:
+        """How long a transaction may last: by default just past the lease, when its
+        work could no longer commit anyway."""
+        if self.transaction_timeout_seconds is not None:
+            return self.transaction_timeout_seconds
+        return self.lease_seconds + self.safety_margin_seconds
 
     @classmethod
     def from_env(
@@ -51,10 +75,18 @@ class Settings:
             task_processor=env.get("TASK_PROCESSOR", "").strip() or DEFAULT_PROCESSOR,
             max_concurrency=int(_positive(env, "MAX_CONCURRENCY", 1)),
             worker_max_batches=int(_positive(env, "WORKER_MAX_BATCHES", 1)),
+            max_attempts=_whole(env, "MAX_ATTEMPTS", 5),
+            on_exhausted=_choice(env, "ON_EXHAUSTED", EXHAUSTION_POLICIES),
+            transaction_timeout_seconds=_positive(
+                env, "TRANSACTION_TIMEOUT_SECONDS", None
+            ),
+            statement_timeout_seconds=_positive(env, "STATEMENT_TIMEOUT_SECONDS", 30.0),
+            lock_timeout_seconds=_positive(env, "LOCK_TIMEOUT_SECONDS", 10.0),
+            session_options=_choice(env, "DB_SESSION_OPTIONS", ("on", "off")) == "on",
         )
 
 
-def _positive(env, name: str, default: float) -> float:
+def _positive(env, name: str, default):
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -62,6 +94,31 @@ def _positive(env, name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be greater than 0, got {raw!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(
+            f"{name} must be a finite number greater than 0, got {raw!r}"
+        )
     return value
+
+
+def _whole(env, name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigurationError(
+            f"{name} must be a whole number of at least 1, got {raw!r}"
+        )
+    return int(raw)
+
+
+def _choice(env, name: str, choices: tuple[str, ...]) -> str:
+    """The setting's value, one of choices; the first when unset."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise ConfigurationError(
+            f"{name} must be one of {', '.join(choices)}, got {raw!r}"
+        )
+    return raw

@@ -1,11 +1,12 @@
 """Connections to PostgreSQL: opened with a timeout, reused while warm, retried."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import psycopg
 from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import (
     RetryCallState,
     retry_if_exception,
@@ -14,6 +15,7 @@ from tenacity import (
 )
 from tenacity import Retrying as _Retrying
 
+from queue_core.config import Settings
 from queue_core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ _TRANSIENT = (
     errors.LockNotAvailable,
     errors.QueryCanceled,
     errors.IdleInTransactionSessionTimeout,
+    errors.TransactionTimeout,
 )
 
 
@@ -45,11 +48,68 @@ def is_transient(error: BaseException) -> bool:
 # that expire, such as RDS IAM tokens, must be fresh at connect time).
 ConninfoSource = str | Callable[[], str]
 
+# The first major version with transaction_timeout (as server_version_num).
+TRANSACTION_TIMEOUT_SINCE = 170000
+
+
+def server_bounds(
+    settings: Settings, *, transaction_timeout: bool = True
+) -> dict[str, str]:
+    """The server-side limits of a worker's sessions, in milliseconds.
+
+    A frozen or vanished client cannot then hold its locks for long: the server ends
+    its session once its transaction has lasted past the lease. transaction_timeout
+    (PostgreSQL 17+) is the bound that holds: idle_in_transaction_session_timeout is
+    kept for older servers, but its timer stops at the Flush message that ends every
+    psycopg pipeline, so it only bounds transactions idle after a plain statement.
+    """
+    # TODO: on PostgreSQL < 17 nothing ends the task transaction of a worker frozen
+    # mid-task (its process stopped but alive), because psycopg ends each pipeline
+    # with a Flush message; a pipeline ending in Sync (psycopg) or a timer re-armed
+    # after Flush (PostgreSQL) would lift it. Dead clients are still cut off by TCP.
+    transaction_ms = _ms(settings.transaction_seconds)
+    bounds = {
+        "idle_in_transaction_session_timeout": transaction_ms,
+        "statement_timeout": _ms(settings.statement_timeout_seconds),
+        "lock_timeout": _ms(settings.lock_timeout_seconds),
+    }
+    if transaction_timeout:
+        bounds["transaction_timeout"] = transaction_ms
+    return bounds
+
+
+def transaction_bounds(settings: Settings) -> dict[str, str]:
+    """The same limits, as parameters of the bound_transaction query."""
+    bounds = server_bounds(settings)
+    return {
+        "transaction_ms": bounds["transaction_timeout"],
+        "statement_ms": bounds["statement_timeout"],
+        "lock_ms": bounds["lock_timeout"],
+    }
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
 
 def connect(
-    conninfo: str, connect_timeout: int, application_name: str
+    conninfo: str,
+    connect_timeout: int,
+    application_name: str,
+    session_settings: Mapping[str, str] | None = None,
 ) -> psycopg.Connection:
-    """Open an autocommit connection; the queue issues its own BEGIN and COMMIT."""
+    """Open an autocommit connection; the queue issues its own BEGIN and COMMIT.
+
+    session_settings are sent as startup options (no SET statement, no round trip),
+    after any options the conninfo already carries.
+    """
+    extra: dict[str, object] = {}
+    if session_settings:
+        given = conninfo_to_dict(conninfo).get("options") or ""
+        ours = " ".join(
+            f"-c {name}={value}" for name, value in session_settings.items()
+        )
+        extra["options"] = f"{given} {ours}".strip()
     return psycopg.connect(
         conninfo,
         autocommit=True,
@@ -57,6 +117,7 @@ def connect(
         application_name=application_name,
         # Prepared statements do not survive a transaction-mode pooler.
         prepare_threshold=None,
+        **extra,
     )
 
 
@@ -68,6 +129,7 @@ class ConnectionHolder:
         conninfo: ConninfoSource,
         connect_timeout: int = 5,
         application_name: str = "queue_core",
+        session_settings: Mapping[str, str] | None = None,
     ) -> None:
         """conninfo: a string, or a callable asked again for every new connection.
 
@@ -77,8 +139,30 @@ class ConnectionHolder:
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
         self._application_name = application_name
+        self._session_settings = dict(session_settings or {})
+        self._server_version: int | None = None
         self._connection: psycopg.Connection | None = None
         self.connects = 0
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: Settings,
+        application_name: str = "queue_core",
+        conninfo: ConninfoSource | None = None,
+    ) -> "ConnectionHolder":
+        """A holder whose sessions carry the server-side bounds, when settings allow.
+
+        conninfo: where connections go, when not settings.database_url (credentials).
+        """
+        return cls(
+            conninfo if conninfo is not None else settings.database_url,
+            connect_timeout=settings.connect_timeout_seconds,
+            application_name=application_name,
+            session_settings=(
+                server_bounds(settings) if settings.session_options else None
+            ),
+        )
 
     def get(self) -> psycopg.Connection:
         if self._connection is not None and not self._connection.closed:
@@ -89,11 +173,34 @@ class ConnectionHolder:
     def _open(self) -> psycopg.Connection:
         log.debug("connecting to the database", extra={"action": "db_connect"})
         source = self._conninfo
-        conninfo = source() if callable(source) else source
+        wanted = self._session_settings
+        if self._server_version is not None and (
+            self._server_version < TRANSACTION_TIMEOUT_SINCE
+        ):
+            wanted = _without_transaction_timeout(wanted)
         try:
-            connection = connect(
-                conninfo, self._connect_timeout, self._application_name
-            )
+            try:
+                connection = connect(
+                    _conninfo(source),
+                    self._connect_timeout,
+                    self._application_name,
+                    wanted,
+                )
+            except psycopg.OperationalError as error:
+                # A server older than 17 refuses transaction_timeout at startup, and
+                # says so only in the text of its FATAL message (no SQLSTATE reaches
+                # libpq's connection error). Ask once, remember, connect without it.
+                if "transaction_timeout" not in wanted or (
+                    "transaction_timeout" not in str(error)
+                ):
+                    raise
+                connection = connect(
+                    _conninfo(source),
+                    self._connect_timeout,
+                    self._application_name,
+                    _without_transaction_timeout(wanted),
+                )
+            self._server_version = connection.info.server_version
         except psycopg.OperationalError:
             forget = getattr(source, "forget", None)
             if forget is not None:
@@ -153,3 +260,11 @@ def retrying(
                 f"database unreachable: {type(error).__name__}"
             ) from error
         raise
+
+
+def _conninfo(source: ConninfoSource) -> str:
+    return source() if callable(source) else source
+
+
+def _without_transaction_timeout(settings: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in settings.items() if k != "transaction_timeout"}

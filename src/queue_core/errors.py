@@ -20,3 +20,11 @@ class ConfigurationError(QueueError):
 
 class DatabaseUnavailable(QueueError):
     """The database could not be reached, even after retrying."""
+
+
+class UnknownBatch(QueueError, LookupError):
+    """No batch of that name exists (it has never had a task nor a policy)."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"batch {batch_id!r} does not exist")
+        self.batch_id = batch_id

@@ -5,6 +5,9 @@ other claimers hold (FOR NO KEY UPDATE SKIP LOCKED), takes or takes over its lea
 a new fencing token, and counts a start of the head in the same commit. It walks only
 the batches marked "MaybePending" (an index), so its cost does not grow with idle
 batches; a marked batch found empty has its marker cleared by the claimer that met it.
+When the head has used up its attempts (its starts were cut short: the worker died,
+froze or lost its lease), the same statement applies the batch's policy instead, and
+the claim moves on.
 """
 
 import logging
@@ -14,14 +17,16 @@ from contextlib import contextmanager, suppress
 import psycopg
 from psycopg import pq
 
+from queue_core.config import DEAD_LETTER
 from queue_core.models import Lease
 from queue_core.queries import query
 
 log = logging.getLogger(__name__)
 
-# A claim that meets a held head or an empty batch tries the next, a bounded number of
-# times.
+# A claim that meets a held head or an empty batch, or applies a policy, tries again,
+# a bounded number of times.
 MAX_BUSY_BATCHES = 8
+MAX_CLAIM_ROUNDS = 16
 
 # Clearing a marker is correct only with a new snapshot per statement (see the
 # migration that adds it), whatever the server's default isolation level.
@@ -29,13 +34,25 @@ BEGIN_READ_COMMITTED = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
 class ClaimResult:
-    """A lease, or None and the ready batches whose head was held elsewhere."""
+    """A lease, or None and the ready batches whose head was held elsewhere.
 
-    __slots__ = ("busy_batch_ids", "lease")
+    dead_lettered and halted_batch_ids tell what the claim did to heads whose attempts
+    were used up, on its way to a lease.
+    """
 
-    def __init__(self, lease: Lease | None, busy_batch_ids: Sequence[str]) -> None:
+    __slots__ = ("busy_batch_ids", "dead_lettered", "halted_batch_ids", "lease")
+
+    def __init__(
+        self,
+        lease: Lease | None,
+        busy_batch_ids: Sequence[str],
+        dead_lettered: Sequence[int] = (),
+        halted_batch_ids: Sequence[str] = (),
+    ) -> None:
         self.lease = lease
         self.busy_batch_ids = list(busy_batch_ids)
+        self.dead_lettered = list(dead_lettered)
+        self.halted_batch_ids = list(halted_batch_ids)
 
 
 def claim_batch(
@@ -43,10 +60,17 @@ def claim_batch(
     worker_id: str,
     lease_seconds: float,
     preferred_batch_id: str | None = None,
+    *,
+    max_attempts: int = 5,
+    on_exhausted: str = DEAD_LETTER,
 ) -> ClaimResult:
     busy: list[str] = []
     skipped: list[str] = []
-    while len(skipped) < MAX_BUSY_BATCHES:
+    dead_lettered: list[int] = []
+    halted: list[str] = []
+    for _round in range(MAX_CLAIM_ROUNDS):
+        if len(skipped) >= MAX_BUSY_BATCHES:
+            break
         row = conn.execute(
             query("claim_batch"),
             {
@@ -54,17 +78,22 @@ def claim_batch(
                 "lease_seconds": lease_seconds,
                 "preferred_batch_id": preferred_batch_id,
                 "busy_batch_ids": skipped,
+                "max_attempts": max_attempts,
+                "on_exhausted": on_exhausted,
             },
         ).fetchone()
         if row is None:
-            return ClaimResult(None, busy)
+            break
 
-        batch_id, previous_owner, fencing_token, has_head = row
-        skipped.append(batch_id)
+        batch_id, previous_owner, outcome, token, head_id, attempts, limit = row[:7]
+        has_head = row[7]
         if not has_head:
-            _clear_stale_marker(conn, batch_id, worker_id)
+            skipped.append(batch_id)
+            clear_marker(conn, batch_id, worker_id)
             continue
-        if fencing_token is None:
+        if outcome == "busy":
+            skipped.append(batch_id)
+            busy.append(batch_id)
             log.info(
                 "batch head held by another transaction, not claimed",
                 extra={
@@ -73,15 +102,47 @@ def claim_batch(
                     "worker_id": worker_id,
                 },
             )
-            busy.append(batch_id)
+            continue
+        if outcome != "claimed":
+            _log_exhausted(outcome, batch_id, head_id, attempts, limit, worker_id)
+            if outcome == "dead_lettered":
+                dead_lettered.append(head_id)
+            else:
+                halted.append(batch_id)
             continue
 
-        lease = Lease(
-            batch_id, worker_id, fencing_token, taken_over_from=previous_owner
-        )
+        lease = Lease(batch_id, worker_id, token, taken_over_from=previous_owner)
         _log_claim(lease)
-        return ClaimResult(lease, busy)
-    return ClaimResult(None, busy)
+        return ClaimResult(lease, busy, dead_lettered, halted)
+    return ClaimResult(None, busy, dead_lettered, halted)
+
+
+def _log_exhausted(
+    outcome: str,
+    batch_id: str,
+    task_id: int,
+    attempts: int,
+    max_attempts: int,
+    worker_id: str,
+) -> None:
+    fields = {
+        "batch_id": batch_id,
+        "task_id": task_id,
+        "worker_id": worker_id,
+        "attempts": attempts,
+        "max_attempts": max_attempts,
+        "last_attempt": "no outcome recorded (worker died, froze or lost its lease)",
+    }
+    if outcome == "dead_lettered":
+        log.warning(
+            "task dead-lettered: attempts used up",
+            extra={**fields, "action": "task_dead_lettered"},
+        )
+    else:
+        log.error(
+            "batch halted: its head used up its attempts",
+            extra={**fields, "action": "batch_halted"},
+        )
 
 
 def release(
@@ -107,10 +168,9 @@ def release(
     return row is not None
 
 
-def _clear_stale_marker(
-    conn: psycopg.Connection, batch_id: str, worker_id: str
-) -> None:
-    """A claim met a batch marked as maybe pending that has no task: clear the mark."""
+def clear_marker(conn: psycopg.Connection, batch_id: str, worker_id: str) -> None:
+    """A batch marked as maybe pending was found empty: clear the mark, unless a task
+    may be on its way (an inserting transaction still open). One round trip."""
     with _short_transaction(conn):
         cleared = conn.execute(query("clear_marker"), {"batch_id": batch_id})
     log.debug(

@@ -26,6 +26,9 @@ def migrate(conn: psycopg.Connection) -> list[str]:
     """Apply the migrations not yet recorded; returns the versions applied now."""
     applied_now: list[str] = []
     with conn.transaction():
+        # A migration may rewrite a large table: the statement timeout (a startup
+        # option of the connection) does not apply here; lock_timeout still does.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
         conn.execute(
             """

@@ -35,6 +35,9 @@ class Outcome(StrEnum):
     DRAINED = "drained"  # the batch ran empty
     TIME_UP = "time_up"  # the invocation's remaining time ran short
     TASK_FAILED = "task_failed"  # the head failed and waits for its retry
+    DEAD_LETTERED = "dead_lettered"  # the head failed its last attempt: dead-lettered
+    BATCH_HALTED = "batch_halted"  # the head failed its last attempt: the batch halted
+    HEAD_WAITING = "head_waiting"  # the next head may not start yet: lease handed back
     LEASE_LOST = "lease_lost"  # the lease expired or was taken over
     DATABASE_ERROR = "database_error"  # the connection failed mid-batch
 
@@ -59,8 +62,9 @@ class WorkReport:
     completed: list[CompletedTask] = field(default_factory=list)
     failed_task_id: int | None = None
     error: str | None = None
-    # Tasks moved to the dead letters during this invocation (counted in metrics).
+    # Applied by this invocation to heads whose attempts were used up.
     dead_lettered: list[int] = field(default_factory=list)
+    halted_batch_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -72,4 +76,6 @@ class WorkReport:
             "completed": [task.task_id for task in self.completed],
             "failedTaskId": self.failed_task_id,
             "error": self.error,
+            "deadLettered": self.dead_lettered,
+            "haltedBatches": self.halted_batch_ids,
         }

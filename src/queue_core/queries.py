@@ -17,11 +17,12 @@ def sql_dir() -> Path:
 
 
 @cache
-def _load() -> dict[str, str]:
+def load_named(path: Path) -> dict[str, str]:
+    """The queries of a .sql file by name; each starts with a "-- name: <name>" line."""
     named: dict[str, str] = {}
     name = None
     lines: list[str] = []
-    for line in (sql_dir() / "queries.sql").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("-- name:"):
             if name:
                 named[name] = "\n".join(lines).strip().rstrip(";")
@@ -35,4 +36,4 @@ def _load() -> dict[str, str]:
 
 def query(name: str) -> str:
     """The text of a named query; KeyError names an unknown one."""
-    return _load()[name]
+    return load_named(sql_dir() / "queries.sql")[name]

@@ -24,16 +24,13 @@ def check_batch_id(batch_id: object, field: str = "batchId") -> str:
 
 def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
     """The JSON text stored in "Payload", after checking the payload's limits."""
+    _check_structure(payload, field)
     try:
         text = json.dumps(
             payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         )
     except (TypeError, ValueError) as error:
         raise InvalidInput(field, f"must be JSON-serializable ({error})") from None
-    except RecursionError:
-        raise InvalidInput(
-            field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
-        ) from None
 
     try:
         size = len(text.encode("utf-8"))
@@ -45,30 +42,32 @@ def encode_payload(payload: Any, max_bytes: int, field: str = "payload") -> str:
         raise InvalidInput(
             field, f"must be at most {max_bytes} bytes as JSON, got {size}"
         )
-    depth, has_nul = _inspect(payload)
-    if has_nul:
-        raise InvalidInput(
-            field, "must not contain NUL characters (PostgreSQL rejects them)"
-        )
-    if depth > MAX_PAYLOAD_DEPTH:
-        raise InvalidInput(field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels")
     return text
 
 
-def _inspect(value: Any) -> tuple[int, bool]:
-    """How deep the containers nest, and whether any key or string holds a NUL."""
-    deepest = 0
-    has_nul = False
-    stack = [(value, 1)]
+def _check_structure(payload: Any, field: str) -> None:
+    """Depth and NUL characters, checked without recursion (so any depth is safe)."""
+    stack = [(payload, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            has_nul = has_nul or "\x00" in item
-        elif isinstance(item, dict):
-            deepest = max(deepest, depth)
-            has_nul = has_nul or any("\x00" in str(key) for key in item)
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list | tuple):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in item)
-    return deepest, has_nul
+            _check_text(item, field)
+        elif isinstance(item, dict | list | tuple):
+            if depth > MAX_PAYLOAD_DEPTH:
+                raise InvalidInput(
+                    field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
+                )
+            if isinstance(item, dict):
+                for key in item:
+                    if isinstance(key, str):
+                        _check_text(key, field)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, field: str) -> None:
+    if "\x00" in text:
+        raise InvalidInput(
+            field, "must not contain NUL characters (PostgreSQL rejects them)"
+        )

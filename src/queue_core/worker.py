@@ -4,6 +4,11 @@ Each task is one transaction: lock the head, run the processor, delete the head.
 delete, its COMMIT, and the BEGIN and head lock of the next task travel in one pipeline,
 so a task costs about one round trip and one commit. Every write is fenced by the
 lease's token.
+
+A failed task stays at the head with a not-before time and the lease is given back.
+Once a task has used up its attempts the batch's policy applies, in the statement that
+records the failure, or, when its last start ended without an outcome (the worker
+died), in the claim that finds it so.
 """
 
 import logging
@@ -13,13 +18,19 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import psycopg
 from psycopg import pq
 
 from queue_core.config import Settings
-from queue_core.db import ConnectionHolder, is_transient, retrying
-from queue_core.lease import claim_batch, release
+from queue_core.db import (
+    ConnectionHolder,
+    is_transient,
+    retrying,
+    transaction_bounds,
+)
+from queue_core.lease import claim_batch, clear_marker, release
 from queue_core.models import CompletedTask, Lease, Outcome, Task, WorkReport
 from queue_core.processor import Processor, load_processor
 from queue_core.queries import query
@@ -33,7 +44,29 @@ class _HeadBusy:
     """The head of the batch is locked by another transaction."""
 
 
+class _HeadNotStarted:
+    """The head's start was not counted under this lease: it must be claimed afresh."""
+
+
 HEAD_BUSY = _HeadBusy()
+HEAD_NOT_STARTED = _HeadNotStarted()
+
+Head = Task | _HeadBusy | _HeadNotStarted | None
+
+# record_failure's outcome, as the worker reports it.
+_FAILURE_OUTCOMES = {
+    "retry": Outcome.TASK_FAILED,
+    "gone": Outcome.TASK_FAILED,
+    "dead_lettered": Outcome.DEAD_LETTERED,
+    "halted": Outcome.BATCH_HALTED,
+}
+
+
+class _Completion(NamedTuple):
+    lease_held: bool
+    continuing: bool
+    more_pending: bool
+    next_head: Head
 
 
 class Worker:
@@ -72,8 +105,12 @@ class Worker:
                     worker_id,
                     self._settings.lease_seconds,
                     preferred_batch_id,
+                    max_attempts=self._settings.max_attempts,
+                    on_exhausted=self._settings.on_exhausted,
                 )
             )
+        report.dead_lettered.extend(claim.dead_lettered)
+        report.halted_batch_ids.extend(claim.halted_batch_ids)
         if claim.lease is None:
             report.outcome = (
                 Outcome.BATCH_BUSY if claim.busy_batch_ids else Outcome.NO_WORK
@@ -128,22 +165,10 @@ class Worker:
     ) -> None:
         conn = self._connections.get()
         with self._span("lock_head"):
-            conn.execute("BEGIN")
-            head = self._lock_head(conn, lease)
+            head = self._begin_and_lock_head(conn, lease)
         while True:
-            if head is None or head is HEAD_BUSY:
-                conn.execute("ROLLBACK")
-                still_held = self._retrying(
-                    lambda empty=head is None: release(
-                        self._connections.get(), lease, found_empty=empty
-                    )
-                )
-                if head is HEAD_BUSY:
-                    report.outcome = Outcome.BATCH_BUSY
-                else:
-                    report.outcome = (
-                        Outcome.DRAINED if still_held else Outcome.LEASE_LOST
-                    )
+            if not isinstance(head, Task):
+                self._hand_back(conn, lease, head, report)
                 return
 
             task = head
@@ -159,8 +184,8 @@ class Worker:
 
             keep_lease = self._time_for_a_task(time_left)
             with self._span("complete_task"):
-                lease_held, head = self._complete(conn, lease, task, keep_lease)
-            if not lease_held:
+                completion = self._complete(conn, lease, task, keep_lease)
+            if not completion.lease_held:
                 self._end_transaction(conn)
                 report.outcome = Outcome.LEASE_LOST
                 log.warning(
@@ -176,18 +201,51 @@ class Worker:
             if not keep_lease:
                 report.outcome = Outcome.TIME_UP
                 return
+            if not completion.continuing:
+                # complete_task gave the lease back: the batch is empty, or its next
+                # head may not start yet (its retry time, its attempts used up).
+                self._end_transaction(conn)
+                report.outcome = (
+                    Outcome.HEAD_WAITING if completion.more_pending else Outcome.DRAINED
+                )
+                _log_release(lease, report.outcome)
+                if not completion.more_pending:
+                    clear_marker(conn, lease.batch_id, lease.worker_id)
+                return
+            head = completion.next_head
 
-    def _lock_head(
-        self, conn: psycopg.Connection, lease: Lease
-    ) -> Task | _HeadBusy | None:
-        row = conn.execute(
-            query("lock_head"), _lease_params(lease, self._settings)
-        ).fetchone()
-        return _head_from_row(lease, row)
+    def _begin_and_lock_head(self, conn: psycopg.Connection, lease: Lease) -> Head:
+        with conn.pipeline():
+            self._begin(conn)
+            locked = conn.execute(
+                query("lock_head"), _lease_params(lease, self._settings)
+            )
+        return _head_from_row(lease, locked.fetchone())
+
+    def _begin(self, conn: psycopg.Connection) -> None:
+        """BEGIN, bounded here when the session could not be (inside a pipeline)."""
+        conn.execute("BEGIN")
+        if not self._settings.session_options:
+            conn.execute(query("bound_transaction"), transaction_bounds(self._settings))
+
+    def _hand_back(
+        self, conn: psycopg.Connection, lease: Lease, head: Head, report: WorkReport
+    ) -> None:
+        """No task to start under this lease: end the transaction, release the lease."""
+        conn.execute("ROLLBACK")
+        still_held = self._retrying(
+            lambda: release(self._connections.get(), lease, found_empty=head is None)
+        )
+        if head is HEAD_BUSY:
+            report.outcome = Outcome.BATCH_BUSY
+        elif head is HEAD_NOT_STARTED:
+            report.outcome = Outcome.HEAD_WAITING
+        else:
+            report.outcome = Outcome.DRAINED if still_held else Outcome.LEASE_LOST
 
     def _complete(
         self, conn: psycopg.Connection, lease: Lease, task: Task, keep_lease: bool
-    ) -> tuple[bool, Task | _HeadBusy | None]:
+    ) -> _Completion:
         """Delete the task and commit; if keeping the lease, lock the next head.
 
         One pipeline: a single round trip to the server.
@@ -202,55 +260,69 @@ class Worker:
             done = conn.execute(query("complete_task"), params)
             conn.execute("COMMIT")
             if keep_lease:
-                conn.execute("BEGIN")
+                self._begin(conn)
                 next_head = conn.execute(
                     query("lock_head"), _lease_params(lease, self._settings)
                 )
-        lease_held, deleted = done.fetchone()
+        lease_held, deleted, continuing, more_pending = done.fetchone()
         if not lease_held:
-            return False, None
+            return _Completion(False, False, False, None)
         if not deleted:
             # The lease held, so nobody else could delete it: the row was already gone.
             log.warning(
                 "completed task was already deleted", extra=_fields(lease, task)
             )
-        if next_head is None:
-            return True, None
-        return True, _head_from_row(lease, next_head.fetchone())
+        head = None
+        if next_head is not None:
+            head = _head_from_row(lease, next_head.fetchone())
+        return _Completion(True, continuing, more_pending, head)
 
     def _record_failure(
         self, lease: Lease, task: Task, error: Exception, report: WorkReport
     ) -> None:
         delay = self._retry_delay(task.attempt)
         message = clean_error(error)
+        params = {
+            **_lease_params(lease, self._settings),
+            "task_id": task.id,
+            "error": message,
+            "retry_delay_seconds": delay,
+        }
         with self._span("record_failure"):
             recorded = self._retrying(
                 lambda: (
                     self._connections.get()
-                    .execute(
-                        query("record_failure"),
-                        {
-                            **_lease_params(lease, self._settings),
-                            "task_id": task.id,
-                            "error": message,
-                            "retry_delay_seconds": delay,
-                        },
-                    )
+                    .execute(query("record_failure"), params)
                     .fetchone()
                 )
             )
-        report.outcome = Outcome.TASK_FAILED if recorded else Outcome.LEASE_LOST
+        outcome = recorded[1] if recorded else None
+        report.outcome = _FAILURE_OUTCOMES.get(outcome, Outcome.LEASE_LOST)
         report.failed_task_id = task.id
         report.error = message
-        log.warning(
-            "task failed, kept at the head of its batch",
-            extra={
-                **_fields(lease, task),
-                "action": "task_failed",
-                "error": message,
-                "retry_in_seconds": round(delay, 3),
-            },
-        )
+
+        fields = {**_fields(lease, task), "attempt": task.attempt, "error": message}
+        if outcome == "dead_lettered":
+            report.dead_lettered.append(task.id)
+            log.warning(
+                "task dead-lettered: its last allowed attempt failed",
+                extra={**fields, "action": "task_dead_lettered"},
+            )
+        elif outcome == "halted":
+            report.halted_batch_ids.append(lease.batch_id)
+            log.error(
+                "batch halted: its head failed its last allowed attempt",
+                extra={**fields, "action": "batch_halted"},
+            )
+        else:
+            log.warning(
+                "task failed, kept at the head of its batch",
+                extra={
+                    **fields,
+                    "action": "task_failed" if recorded else "lease_lost",
+                    "retry_in_seconds": round(delay, 3),
+                },
+            )
 
     def _stop_after_database_error(
         self, lease: Lease, report: WorkReport, error: psycopg.Error
@@ -310,22 +382,43 @@ class Worker:
 
 def clean_error(error: BaseException) -> str:
     """Error text that can always be stored: no NUL, valid UTF-8, bounded length."""
-    text = f"{type(error).__name__}: {error}".replace("\x00", "")
+    try:
+        detail = str(error)
+    except Exception:  # an exception whose __str__ fails must still be recorded
+        detail = "<error text unavailable>"
+    text = f"{type(error).__name__}: {detail}".replace("\x00", "")
     text = text.encode("utf-8", "replace").decode("utf-8")
     return text[:MAX_ERROR_CHARS]
 
 
-def _head_from_row(lease: Lease, row) -> Task | _HeadBusy | None:
+def _head_from_row(lease: Lease, row) -> Head:
     if row is None:
         return None
-    head_id, task_id, payload, attempts, enqueued_at = row
+    head_id, task_id, payload, attempts, enqueued_at, started = row
     if task_id is None:
         log.info(
             "head held by another transaction",
             extra={**_lease_fields(lease), "action": "head_busy", "task_id": head_id},
         )
         return HEAD_BUSY
+    if not started:
+        log.info(
+            "head not started under this lease; handing the batch back",
+            extra={
+                **_lease_fields(lease),
+                "action": "head_not_started",
+                "task_id": head_id,
+            },
+        )
+        return HEAD_NOT_STARTED
     return Task(task_id, lease.batch_id, payload, attempts, enqueued_at)
+
+
+def _log_release(lease: Lease, outcome: Outcome) -> None:
+    log.info(
+        "lease released",
+        extra={**_lease_fields(lease), "action": "lease_released", "reason": outcome},
+    )
 
 
 def _lease_params(lease: Lease, settings: Settings) -> dict[str, object]:
@@ -333,6 +426,8 @@ def _lease_params(lease: Lease, settings: Settings) -> dict[str, object]:
         "batch_id": lease.batch_id,
         "fencing_token": lease.fencing_token,
         "lease_seconds": settings.lease_seconds,
+        "max_attempts": settings.max_attempts,
+        "on_exhausted": settings.on_exhausted,
     }
 
 

@@ -7,6 +7,7 @@ concurrent processes never interleave and the file order is the order of the wri
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -31,6 +32,16 @@ def record_or_fail(task: Task) -> None:
         _append(task, "fail")
         raise RuntimeError(f"task {task.id} asked to fail on attempt {task.attempt}")
     time.sleep(float(os.environ.get("RECORD_SLEEP_SECONDS", "0")))
+    _append(task, "end")
+
+
+def record_or_die(task: Task) -> None:
+    """Like record, but a payload {"die": true} kills the worker process (SIGKILL)."""
+    _append(task, "start")
+    payload = task.payload if isinstance(task.payload, dict) else {}
+    if payload.get("die") is True:
+        _append(task, "die")
+        os.kill(os.getpid(), signal.SIGKILL)
     _append(task, "end")
 
 
