@@ -230,3 +230,20 @@ def test_each_completion_renews_the_lease_so_a_long_batch_keeps_its_owner(conn, 
     assert owner_seen == ids
     assert rival_seen == []
     assert rival_outcomes <= {Outcome.NO_WORK, Outcome.BATCH_BUSY}
+
+
+def test_processor_receives_the_fencing_token_of_its_lease(db_url, conn):
+    # GIVEN a task, and a processor that notes the token it is handed
+    enqueue_many(conn, [("A", {"n": 1})])
+    tokens: list[int] = []
+    holder = ConnectionHolder(db_url)
+    worker = Worker(
+        holder, db.settings(db_url), lambda task: tokens.append(task.fencing_token)
+    )
+
+    # WHEN a worker works the batch
+    report = worker.run("worker-1")
+    holder.discard()
+
+    # THEN the processor saw the lease's token, to fence its own writes elsewhere
+    assert tokens == [report.fencing_token] and report.fencing_token > 0

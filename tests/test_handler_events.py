@@ -305,6 +305,18 @@ BAD_HTTP_REQUESTS = {
         400,
         "workerId",
     ),
+    "TRACE": (lambda: function_url_event(None, method="TRACE"), 405, "method"),
+    "CONNECT": (lambda: function_url_event(None, method="CONNECT"), 405, "method"),
+    "an integer of 5000 digits": (
+        lambda: function_url_event('{"batchId": ' + "9" * 5000 + "}"),
+        400,
+        "body",
+    ),
+    "JSON nested 8000 deep": (
+        lambda: function_url_event("[" * 8000 + "]" * 8000),
+        400,
+        "body",
+    ),
     "base64 body over the size limit": (
         lambda: function_url_event(
             base64.b64encode(_oversized_body().encode()).decode(), base64_encoded=True
@@ -492,3 +504,16 @@ def test_logs_never_show_the_password_or_the_connection_string(
     assert password not in written
     assert url not in written
     assert "queue_user:" not in written
+
+
+def test_every_refusal_is_counted_in_the_invalid_requests_metric(
+    handler_app, conn, queue, capsys
+):
+    # WHEN a bad Function URL request and a bad direct invoke arrive
+    invoke(handler_app, function_url_event('{"batchId": 5}'))
+    invoke(handler_app, {"batchId": "no spaces"})
+
+    # THEN each flushed an InvalidRequests metric of 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    counted = [line["InvalidRequests"] for line in lines if "InvalidRequests" in line]
+    assert counted == [[1.0], [1.0]] or counted == [1.0, 1.0]

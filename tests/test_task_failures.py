@@ -128,3 +128,31 @@ def test_settings_are_read_from_the_environment():
     assert settings.safety_margin_seconds == 0.25
     assert settings.task_processor == "tests.support.processors:record"
     assert "postgresql" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("MAX_PAYLOAD_BYTES", "0.5", "whole number"),
+        ("MAX_CONCURRENCY", "2.5", "whole number"),
+        ("LEASE_TIMEOUT_SECONDS", "inf", "LEASE_TIMEOUT_SECONDS"),
+        ("SAFETY_MARGIN_SECONDS", "nan", "SAFETY_MARGIN_SECONDS"),
+    ],
+)
+def test_malformed_numeric_settings_are_refused_by_name(name, value, rule):
+    # WHEN a setting is not a number of the kind it must be
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env({"DATABASE_URL": "postgresql:///x", name: value})
+
+    # THEN the error names the setting and its rule
+    assert name in str(refused.value) and rule in str(refused.value)
+
+
+def test_fractional_connect_timeout_rounds_up_never_to_zero():
+    # GIVEN half a second (libpq would read 0 as "wait forever")
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql:///x", "CONNECT_TIMEOUT_SECONDS": "0.5"}
+    )
+
+    # THEN the connection timeout is one whole second
+    assert settings.connect_timeout_seconds == 1

@@ -6,8 +6,10 @@ invocations of this function, up to MAX_CONCURRENCY) and works one batch itself.
 import base64
 import binascii
 import json
+import logging
 import os
 from contextlib import AbstractContextManager
+from http import HTTPStatus
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -32,7 +34,23 @@ from queue_core import (
 from queue_core.db import retrying
 from queue_core.dispatch import DispatchPlan, plan_dispatch
 
-MAX_BODY_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", 16 * 1024))
+DEFAULT_MAX_BODY_BYTES = 16 * 1024
+
+
+def _max_body_bytes() -> int:
+    raw = os.environ.get("MAX_REQUEST_BYTES", "").strip()
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    if raw:
+        # Read at import: a bad value must not stop the function from loading at all.
+        logging.getLogger(__name__).warning(
+            "MAX_REQUEST_BYTES must be a whole number of at least 1; using %s",
+            DEFAULT_MAX_BODY_BYTES,
+        )
+    return DEFAULT_MAX_BODY_BYTES
+
+
+MAX_BODY_BYTES = _max_body_bytes()
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "task-queue"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "TaskQueue"))
@@ -88,12 +106,7 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         return _dispatch(context)
 
     if not isinstance(event, dict):
-        problems = [{"field": "event", "rule": "must be a JSON object"}]
-        return {
-            "error": "invalid_request",
-            "message": _message(problems),
-            "problems": problems,
-        }
+        return _refusal([{"field": "event", "rule": "must be a JSON object"}], "invoke")
     try:
         request = parse(event=event, model=WorkRequest)
     except ValidationError as error:
@@ -120,6 +133,13 @@ def process_task() -> Response:
     except RecursionError:
         problem = {"field": "body", "rule": "must not nest JSON this deeply"}
         return _http_error(400, [problem])
+    except ValueError as error:
+        # Python refuses integers of more than 4300 digits.
+        problem = {
+            "field": "body",
+            "rule": f"must hold numbers Python can read ({error})",
+        }
+        return _http_error(400, [problem])
     if not isinstance(document, dict):
         problem = {"field": "body", "rule": "must be a JSON object"}
         return _http_error(400, [problem])
@@ -127,9 +147,6 @@ def process_task() -> Response:
     try:
         request = parse(event=document, model=WorkRequest)
     except ValidationError as error:
-        logger.info(
-            "request rejected", extra={"action": "request_rejected", "entry": "http"}
-        )
         return _http_error(400, describe_errors(error))
     return Response(
         200, "application/json", _work(request, url_app.lambda_context, "http")
@@ -137,7 +154,8 @@ def process_task() -> Response:
 
 
 @url_app.route(
-    "/process-task", method=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    "/process-task",
+    method=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT"],
 )
 def process_task_wrong_method() -> Response:
     method = url_app.current_event.request_context.http.method
@@ -303,9 +321,15 @@ def _is_scheduled_event(event: Any) -> bool:
 
 
 def _rejected(error: ValidationError, entry: str) -> dict[str, Any]:
-    problems = describe_errors(error)
+    return _refusal(describe_errors(error), entry)
+
+
+def _refusal(problems: list[dict[str, str]], entry: str) -> dict[str, Any]:
+    """The answer to bad input, counted and logged; nothing was written."""
+    metrics.add_metric("InvalidRequests", MetricUnit.Count, 1)
     logger.info(
-        "request rejected", extra={"action": "request_rejected", "entry": entry}
+        "request rejected",
+        extra={"action": "request_rejected", "entry": entry, "problems": problems},
     )
     return {
         "error": "invalid_request",
@@ -317,11 +341,14 @@ def _rejected(error: ValidationError, entry: str) -> dict[str, Any]:
 def _http_error(
     status: int, problems: list[dict[str, str]], headers: dict[str, str] | None = None
 ) -> Response:
-    body = {
-        "error": "invalid_request",
-        "message": _message(problems),
-        "problems": problems,
-    }
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        body = {
+            "error": "unavailable",
+            "message": _message(problems),
+            "problems": problems,
+        }
+    else:
+        body = _refusal(problems, "http")
     return Response(status, "application/json", json.dumps(body), headers=headers)
 
 

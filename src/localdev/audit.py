@@ -14,6 +14,9 @@ class Completion:
     attempt: int
     started_at: datetime
     completed_at: datetime
+    # When the processor returned, before the commit (completed_at follows the commit
+    # and its log line, which may lag): the end of the processing interval.
+    finished_at: datetime | None = None
 
     @classmethod
     def from_log(cls, record: dict) -> "Completion":
@@ -24,6 +27,9 @@ class Completion:
             attempt=int(record["attempt"]),
             started_at=datetime.fromisoformat(record["started_at"]),
             completed_at=datetime.fromisoformat(record["completed_at"]),
+            finished_at=datetime.fromisoformat(
+                record.get("finished_at") or record["completed_at"]
+            ),
         )
 
 
@@ -40,9 +46,10 @@ class Verdict:
 
 
 def by_batch(completions: list[Completion]) -> dict[str, list[Completion]]:
-    """Completions of each batch, in the order they were committed."""
+    """Completions of each batch, in the order they started (starts within a batch
+    follow each other's commits, so this is also the order of the commits)."""
     batches: dict[str, list[Completion]] = defaultdict(list)
-    for completion in sorted(completions, key=lambda c: c.completed_at):
+    for completion in sorted(completions, key=lambda c: c.started_at):
         batches[completion.batch_id].append(completion)
     return dict(sorted(batches.items()))
 
@@ -62,10 +69,10 @@ def check(completions: list[Completion]) -> Verdict:
                     f"batch {batch_id}: task {later.task_id} completed after "
                     f"{earlier.task_id}"
                 )
-            if later.started_at < earlier.completed_at:
+            if later.started_at < (earlier.finished_at or earlier.completed_at):
                 verdict.overlaps.append(
                     f"batch {batch_id}: task {later.task_id} ({later.worker_id}) "
                     "started before "
-                    f"task {earlier.task_id} ({earlier.worker_id}) completed"
+                    f"task {earlier.task_id} ({earlier.worker_id}) finished"
                 )
     return verdict

@@ -68,13 +68,15 @@ class Settings:
             lease_seconds=_positive(env, "LEASE_TIMEOUT_SECONDS", 300.0),
             safety_margin_seconds=_positive(env, "SAFETY_MARGIN_SECONDS", 5.0),
             task_budget_seconds=_positive(env, "TASK_BUDGET_SECONDS", 5.0),
-            connect_timeout_seconds=int(_positive(env, "CONNECT_TIMEOUT_SECONDS", 5)),
-            max_payload_bytes=int(_positive(env, "MAX_PAYLOAD_BYTES", 256 * 1024)),
+            connect_timeout_seconds=math.ceil(
+                _positive(env, "CONNECT_TIMEOUT_SECONDS", 5)
+            ),
+            max_payload_bytes=_whole(env, "MAX_PAYLOAD_BYTES", 256 * 1024),
             retry_base_seconds=_positive(env, "RETRY_BASE_SECONDS", 2.0),
             retry_max_seconds=_positive(env, "RETRY_MAX_SECONDS", 300.0),
             task_processor=env.get("TASK_PROCESSOR", "").strip() or DEFAULT_PROCESSOR,
-            max_concurrency=int(_positive(env, "MAX_CONCURRENCY", 1)),
-            worker_max_batches=int(_positive(env, "WORKER_MAX_BATCHES", 1)),
+            max_concurrency=_whole(env, "MAX_CONCURRENCY", 1),
+            worker_max_batches=_whole(env, "WORKER_MAX_BATCHES", 1),
             max_attempts=_whole(env, "MAX_ATTEMPTS", 5),
             on_exhausted=_choice(env, "ON_EXHAUSTED", EXHAUSTION_POLICIES),
             transaction_timeout_seconds=_positive(

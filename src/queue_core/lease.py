@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # A claim that meets a held head or an empty batch, or applies a policy, tries again,
 # a bounded number of times.
-MAX_BUSY_BATCHES = 8
-MAX_CLAIM_ROUNDS = 16
+MAX_BUSY_BATCHES = 16
+MAX_CLAIM_ROUNDS = 24
 
 # Clearing a marker is correct only with a new snapshot per statement (see the
 # migration that adds it), whatever the server's default isolation level.

@@ -15,6 +15,9 @@ class Task:
     payload: Any
     attempt: int
     enqueued_at: datetime
+    # The lease's token: a processor that writes elsewhere can fence those writes with
+    # (batch_id, fencing_token), refusing any token lower than one it has seen.
+    fencing_token: int = 0
 
 
 @dataclass(frozen=True)

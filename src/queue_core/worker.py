@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import psycopg
@@ -375,6 +375,10 @@ class Worker:
                 "attempt": task.attempt,
                 "duration_ms": round(duration_ms, 3),
                 "started_at": started_at.isoformat(),
+                # The processor's end, before the commit; completed_at follows it.
+                "finished_at": (
+                    started_at + timedelta(milliseconds=duration_ms)
+                ).isoformat(),
                 "completed_at": datetime.now(UTC).isoformat(),
             },
         )
@@ -411,7 +415,9 @@ def _head_from_row(lease: Lease, row) -> Head:
             },
         )
         return HEAD_NOT_STARTED
-    return Task(task_id, lease.batch_id, payload, attempts, enqueued_at)
+    return Task(
+        task_id, lease.batch_id, payload, attempts, enqueued_at, lease.fencing_token
+    )
 
 
 def _log_release(lease: Lease, outcome: Outcome) -> None:
