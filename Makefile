@@ -8,6 +8,8 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)
 
 # Evaluated by the shell when a recipe runs, so the server starts only when needed.
 DB_URL = $$($(PY) -m localdev.embedded_pg url)
+# The database `make run` works on, created and migrated if missing.
+DEMO_DB_URL = $$($(PY) -m localdev.embedded_pg demo-url)
 
 .PHONY: run test soak lint format db-url db-stop clean bench bench-quick cli invoke lambda-sources
 
@@ -29,11 +31,11 @@ $(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
 	touch $@
 
 cli: $(VENV)/.installed  ## the operator CLI on the same database: make cli ARGS='stats --json'
-	@DATABASE_URL="$(DB_URL)" $(PY) -m queue_core $(ARGS)
+	@DATABASE_URL="$(DEMO_DB_URL)" $(PY) -m queue_core $(ARGS)
 
 EVENT ?= events/schedule-default.json
 invoke: $(VENV)/.installed  ## run lambda_handler in-process on EVENT (sam local invoke without Docker)
-	@DATABASE_URL="$(DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
+	@DATABASE_URL="$(DEMO_DB_URL)" $(PY) -m localdev.invoke "$(EVENT)" $(ARGS)
 
 soak: $(VENV)/.installed  ## workers under kills, freezes and connection kills; SOAK_ARGS=...
 	DATABASE_URL="$(DB_URL)" $(PY) -m localdev.soak $(SOAK_ARGS)

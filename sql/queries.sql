@@ -397,6 +397,7 @@ SELECT
              LIMIT 1
          ) AS head
          WHERE lease."MaybePending"
+           AND lease."HaltedAt" IS NULL
            AND (lease."LockedBy" IS NULL
                 OR lease."LockedAt" <= statement_timestamp()
                                        - make_interval(secs => %(lease_seconds)s))

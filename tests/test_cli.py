@@ -621,3 +621,19 @@ def test_make_cli_runs_against_the_given_database(db_url, conn):
     # THEN standard output is the JSON document alone
     assert result.returncode == 0, result.stderr
     assert [b["batchId"] for b in json.loads(result.stdout)["batches"]] == ["A"]
+
+
+def test_malformed_database_url_is_a_configuration_error(tmp_path):
+    # WHEN DATABASE_URL cannot even be parsed
+    result = subprocess.run(
+        [sys.executable, "-m", "queue_core", "stats"],
+        env={**os.environ, "DATABASE_URL": "not a url at all", "PYTHONPATH": "src"},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+
+    # THEN it exits 2 (bad configuration) with one line naming the setting
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: DATABASE_URL is malformed")

@@ -285,3 +285,18 @@ def _count_statements(monkeypatch) -> list[int]:
 
     monkeypatch.setattr("queue_core.db.psycopg.connect", connect)
     return counts
+
+
+def test_a_halted_batch_is_not_counted_as_claimable(conn):
+    # GIVEN a batch with pending work whose operator policy halted it, and one healthy
+    enqueue_many(conn, [("halted", {"n": 1}), ("healthy", {"n": 1})])
+    conn.execute(
+        """UPDATE "BatchLocks" SET "HaltedAt" = now(), "HaltReason" = 'test'
+           WHERE "BatchId" = 'halted'"""
+    )
+
+    # WHEN the tick plans
+    plan = plan_dispatch(conn, lease_seconds=300, max_concurrency=10)
+
+    # THEN only the healthy batch counts: no worker is started for the halted one
+    assert plan.claimable == 1

@@ -23,10 +23,10 @@ import psycopg
 from psycopg import conninfo, sql
 
 from localdev import audit
+from localdev.embedded_pg import DEMO_DATABASE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EVENTS = REPO_ROOT / "events"
-DEMO_DATABASE = "task_queue_demo"
 # The events each worker cycles through, as EventBridge, the Function URL and `aws
 # lambda invoke` would send them.
 EVENT_FILES = (

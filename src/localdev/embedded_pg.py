@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The database of `make run`, `make cli` and `make invoke` on the server in use.
+DEMO_DATABASE = "task_queue_demo"
 
 
 def data_dir() -> Path:
@@ -24,6 +26,31 @@ def database_url() -> str:
     if configured:
         return configured
     return _server().get_uri()
+
+
+def demo_database_url() -> str:
+    """The database `make run` works on (task_queue_demo on the same server), created
+    and migrated if missing, so that `make cli` and `make invoke` see the same queue.
+    DATABASE_URL's own database when creating one is not allowed."""
+    import psycopg
+    from psycopg import conninfo, errors, sql
+
+    from queue_core import migrate
+
+    base = database_url()
+    try:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEMO_DATABASE))
+            )
+    except errors.DuplicateDatabase:
+        pass
+    except errors.InsufficientPrivilege:
+        return base
+    url = conninfo.make_conninfo(base, dbname=DEMO_DATABASE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+    return url
 
 
 def stop() -> None:
@@ -61,10 +88,14 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "url"
     if command == "url":
         print(database_url())
+    elif command == "demo-url":
+        print(demo_database_url())
     elif command == "stop":
         stop()
     else:
-        print("usage: python -m localdev.embedded_pg [url|stop]", file=sys.stderr)
+        print(
+            "usage: python -m localdev.embedded_pg [url|demo-url|stop]", file=sys.stderr
+        )
         return 2
     return 0
 

@@ -535,6 +535,11 @@ def _connect(settings: Settings) -> psycopg.Connection:
     except psycopg.OperationalError as error:
         # libpq's message names the server, never the password.
         raise _Unreachable(f"database unreachable: {_first_line(error)}") from None
+    except psycopg.ProgrammingError as error:
+        # libpq could not parse the connection string: a configuration error.
+        raise ConfigurationError(
+            f"DATABASE_URL is malformed: {_first_line(error)}"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:
