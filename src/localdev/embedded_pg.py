@@ -29,14 +29,17 @@ def database_url() -> str:
 
 
 def demo_database_url() -> str:
-    """The database `make run` works on (task_queue_demo on the same server), created
-    and migrated if missing, so that `make cli` and `make invoke` see the same queue.
-    DATABASE_URL's own database when creating one is not allowed."""
+    """DATABASE_URL when set; else the database `make run` works on (task_queue_demo
+    on the embedded server), created and migrated if missing, so that `make cli` and
+    `make invoke` see the demo's queue."""
     import psycopg
     from psycopg import conninfo, errors, sql
 
     from queue_core import migrate
 
+    configured = os.environ.get("DATABASE_URL", "").strip()
+    if configured:
+        return configured
     base = database_url()
     try:
         with psycopg.connect(base, autocommit=True) as conn:
