@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from queue_core import DatabaseUnavailable, enqueue_many
+from queue_core import ConnectionHolder, DatabaseUnavailable, Settings, enqueue_many
 from tests.support import db
 from tests.support.events import load_event, with_unique_ids
 from tests.support.lambda_context import LambdaContext
@@ -91,3 +91,20 @@ def test_direct_invoke_fails_when_the_database_is_unreachable(unreachable_handle
     # THEN the invocation fails with DatabaseUnavailable, so Lambda may retry it
     with pytest.raises(DatabaseUnavailable):
         invoke(unreachable_handler, "direct-invoke")
+
+
+@pytest.mark.parametrize(("pooler", "threshold"), [("none", 0), ("transaction", None)])
+def test_statements_are_prepared_unless_behind_a_transaction_pooler(
+    db_url, pooler, threshold
+):
+    # GIVEN a deployment with or without a transaction-mode pooler
+    settings = Settings.from_env({"DATABASE_URL": db_url, "DB_POOLER": pooler})
+
+    # WHEN the worker's connection is opened
+    holder = ConnectionHolder.for_settings(settings)
+    connection = holder.get()
+
+    # THEN statements are prepared at first use only where a session is the client's
+    assert connection.prepare_threshold == threshold
+    assert settings.session_options is (pooler == "none")
+    holder.discard()

@@ -124,8 +124,9 @@ def test_concurrent_workers_through_pgbouncer_keep_fifo_and_one_owner(
             str(number),
             env={
                 "DATABASE_URL": pooled_url,
-                # PgBouncer refuses startup options: bounds go per transaction.
-                "DB_SESSION_OPTIONS": "off",
+                # No startup options, no prepared statements: bounds go per
+                # transaction and every statement is planned in its transaction.
+                "DB_POOLER": "transaction",
                 "TASK_BUDGET_SECONDS": "0.1",
                 "SAFETY_MARGIN_SECONDS": "0.1",
                 "RECORD_SLEEP_SECONDS": "0.02",

@@ -15,6 +15,10 @@ HALT = "halt"
 EXHAUSTION_POLICIES = (DEAD_LETTER, HALT)
 
 
+# DB_POOLER: "none", or "transaction" for PgBouncer or RDS Proxy in transaction mode.
+POOLERS = ("none", "transaction")
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(repr=False)
@@ -40,6 +44,15 @@ class Settings:
     # Send the bounds as startup options; off for poolers that refuse them (PgBouncer),
     # in which case every task transaction sets them itself with SET LOCAL.
     session_options: bool = True
+    # Behind a transaction-mode pooler (DB_POOLER=transaction) a session outlives no
+    # transaction: no server-side prepared statements and no startup options then.
+    pooled: bool = False
+
+    @property
+    def prepared_statements(self) -> bool:
+        """Prepare the queue's statements on the server (they are planned once per
+        connection instead of once per task), except behind a transaction pooler."""
+        return not self.pooled
 
     @property
     def transaction_seconds(self) -> float:
@@ -84,7 +97,11 @@ class Settings:
             ),
             statement_timeout_seconds=_positive(env, "STATEMENT_TIMEOUT_SECONDS", 30.0),
             lock_timeout_seconds=_positive(env, "LOCK_TIMEOUT_SECONDS", 10.0),
-            session_options=_choice(env, "DB_SESSION_OPTIONS", ("on", "off")) == "on",
+            session_options=(
+                _choice(env, "DB_SESSION_OPTIONS", ("on", "off")) == "on"
+                and _choice(env, "DB_POOLER", POOLERS) == "none"
+            ),
+            pooled=_choice(env, "DB_POOLER", POOLERS) == "transaction",
         )
 
 

@@ -97,6 +97,7 @@ def connect(
     connect_timeout: int,
     application_name: str,
     session_settings: Mapping[str, str] | None = None,
+    prepare: bool = False,
 ) -> psycopg.Connection:
     """Open an autocommit connection; the queue issues its own BEGIN and COMMIT.
 
@@ -115,8 +116,9 @@ def connect(
         autocommit=True,
         connect_timeout=connect_timeout,
         application_name=application_name,
-        # Prepared statements do not survive a transaction-mode pooler.
-        prepare_threshold=None,
+        # Prepared at first use (planning a query costs more than running it), unless
+        # behind a transaction-mode pooler, where they do not survive the transaction.
+        prepare_threshold=0 if prepare else None,
         **extra,
     )
 
@@ -130,6 +132,7 @@ class ConnectionHolder:
         connect_timeout: int = 5,
         application_name: str = "queue_core",
         session_settings: Mapping[str, str] | None = None,
+        prepare: bool = False,
     ) -> None:
         """conninfo: a string, or a callable asked again for every new connection.
 
@@ -140,6 +143,7 @@ class ConnectionHolder:
         self._connect_timeout = connect_timeout
         self._application_name = application_name
         self._session_settings = dict(session_settings or {})
+        self._prepare = prepare
         self._server_version: int | None = None
         self._connection: psycopg.Connection | None = None
         self.connects = 0
@@ -162,6 +166,7 @@ class ConnectionHolder:
             session_settings=(
                 server_bounds(settings) if settings.session_options else None
             ),
+            prepare=settings.prepared_statements,
         )
 
     def get(self) -> psycopg.Connection:
@@ -185,6 +190,7 @@ class ConnectionHolder:
                     self._connect_timeout,
                     self._application_name,
                     wanted,
+                    self._prepare,
                 )
             except psycopg.OperationalError as error:
                 # A server older than 17 refuses transaction_timeout at startup, and
@@ -199,6 +205,7 @@ class ConnectionHolder:
                     self._connect_timeout,
                     self._application_name,
                     _without_transaction_timeout(wanted),
+                    self._prepare,
                 )
             self._server_version = connection.info.server_version
         except psycopg.OperationalError:

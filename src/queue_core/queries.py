@@ -9,6 +9,7 @@ _HERE = Path(__file__).resolve().parent
 _SQL_DIRS = (_HERE.parent / "sql", _HERE.parent.parent / "sql", _HERE / "sql")
 
 
+@cache
 def sql_dir() -> Path:
     for candidate in _SQL_DIRS:
         if (candidate / "queries.sql").is_file():
