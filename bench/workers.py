@@ -23,7 +23,7 @@ def project(url: str, number: int, workers: int, batches: list[str], barrier) ->
     settings = Settings.from_env(
         {"DATABASE_URL": url, "TASK_PROCESSOR": "queue_core.processor:no_work"}
     )
-    holder = ConnectionHolder(url, application_name="bench-project")
+    holder = ConnectionHolder.for_settings(settings, application_name="bench-project")
     holder.get()
     worker = Worker(holder, settings)
     done = 0
@@ -176,7 +176,7 @@ def project_events(
     settings = Settings.from_env(
         {"DATABASE_URL": url, "TASK_PROCESSOR": "queue_core.processor:no_work"}
     )
-    holder = ConnectionHolder(url, application_name="bench-sustained")
+    holder = ConnectionHolder.for_settings(settings, application_name="bench-sustained")
     holder.get()
     worker = Worker(holder, settings)
     events: list[tuple[float, int]] = []
