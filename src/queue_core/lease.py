@@ -163,7 +163,7 @@ def release(
         row = conn.execute(query("release_lease"), params).fetchone()
     log.info(
         "lease released" if row else "lease already lost at release",
-        extra=_fields(lease, "lease_released" if row else "lease_lost"),
+        extra=lease.log_fields(action="lease_released" if row else "lease_lost"),
     )
     return row is not None
 
@@ -206,18 +206,9 @@ def _log_claim(lease: Lease) -> None:
         log.info(
             "stale lease taken over",
             extra={
-                **_fields(lease, "lease_taken_over"),
+                **lease.log_fields(action="lease_taken_over"),
                 "previous_owner": lease.taken_over_from,
             },
         )
     else:
-        log.info("lease claimed", extra=_fields(lease, "lease_claimed"))
-
-
-def _fields(lease: Lease, action: str) -> dict[str, object]:
-    return {
-        "action": action,
-        "batch_id": lease.batch_id,
-        "worker_id": lease.worker_id,
-        "lease_token": lease.fencing_token,
-    }
+        log.info("lease claimed", extra=lease.log_fields(action="lease_claimed"))

@@ -29,6 +29,15 @@ class Lease:
     fencing_token: int
     taken_over_from: str | None = None
 
+    def log_fields(self, **more: object) -> dict[str, object]:
+        """The keys every log record about this lease carries, plus more."""
+        return {
+            "batch_id": self.batch_id,
+            "worker_id": self.worker_id,
+            "lease_token": self.fencing_token,
+            **more,
+        }
+
 
 class Outcome(StrEnum):
     """Why a worker stopped."""

@@ -190,7 +190,7 @@ class Worker:
                 report.outcome = Outcome.LEASE_LOST
                 log.warning(
                     "lease lost, task left pending",
-                    extra={**_fields(lease, task), "action": "lease_lost"},
+                    extra={**lease.log_fields(task_id=task.id), "action": "lease_lost"},
                 )
                 return
 
@@ -270,7 +270,8 @@ class Worker:
         if not deleted:
             # The lease held, so nobody else could delete it: the row was already gone.
             log.warning(
-                "completed task was already deleted", extra=_fields(lease, task)
+                "completed task was already deleted",
+                extra=lease.log_fields(task_id=task.id),
             )
         head = None
         if next_head is not None:
@@ -301,7 +302,11 @@ class Worker:
         report.failed_task_id = task.id
         report.error = message
 
-        fields = {**_fields(lease, task), "attempt": task.attempt, "error": message}
+        fields = {
+            **lease.log_fields(task_id=task.id),
+            "attempt": task.attempt,
+            "error": message,
+        }
         if outcome == "dead_lettered":
             report.dead_lettered.append(task.id)
             log.warning(
@@ -331,7 +336,7 @@ class Worker:
         log.warning(
             "database error while working a batch; stopping",
             extra={
-                **_lease_fields(lease),
+                **lease.log_fields(),
                 "action": "db_error",
                 "error_class": type(error).__name__,
             },
@@ -370,7 +375,7 @@ class Worker:
         log.info(
             "task completed",
             extra={
-                **_fields(lease, task),
+                **lease.log_fields(task_id=task.id),
                 "action": "task_completed",
                 "attempt": task.attempt,
                 "duration_ms": round(duration_ms, 3),
@@ -402,14 +407,14 @@ def _head_from_row(lease: Lease, row) -> Head:
     if task_id is None:
         log.info(
             "head held by another transaction",
-            extra={**_lease_fields(lease), "action": "head_busy", "task_id": head_id},
+            extra={**lease.log_fields(), "action": "head_busy", "task_id": head_id},
         )
         return HEAD_BUSY
     if not started:
         log.info(
             "head not started under this lease; handing the batch back",
             extra={
-                **_lease_fields(lease),
+                **lease.log_fields(),
                 "action": "head_not_started",
                 "task_id": head_id,
             },
@@ -423,7 +428,7 @@ def _head_from_row(lease: Lease, row) -> Head:
 def _log_release(lease: Lease, outcome: Outcome) -> None:
     log.info(
         "lease released",
-        extra={**_lease_fields(lease), "action": "lease_released", "reason": outcome},
+        extra={**lease.log_fields(), "action": "lease_released", "reason": outcome},
     )
 
 
@@ -435,15 +440,3 @@ def _lease_params(lease: Lease, settings: Settings) -> dict[str, object]:
         "max_attempts": settings.max_attempts,
         "on_exhausted": settings.on_exhausted,
     }
-
-
-def _lease_fields(lease: Lease) -> dict[str, object]:
-    return {
-        "batch_id": lease.batch_id,
-        "worker_id": lease.worker_id,
-        "lease_token": lease.fencing_token,
-    }
-
-
-def _fields(lease: Lease, task: Task) -> dict[str, object]:
-    return {**_lease_fields(lease), "task_id": task.id}
