@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from queue_core import ConnectionHolder, DatabaseUnavailable, Settings, enqueue_many
+from queue_core import (
+    ConnectionHolder,
+    DatabaseUnavailable,
+    Outcome,
+    Settings,
+    Worker,
+    enqueue_many,
+)
 from tests.support import db
 from tests.support.events import load_event, with_unique_ids
 from tests.support.lambda_context import LambdaContext
@@ -107,4 +114,33 @@ def test_statements_are_prepared_unless_behind_a_transaction_pooler(
     # THEN statements are prepared at first use only where a session is the client's
     assert connection.prepare_threshold == threshold
     assert settings.session_options is (pooler == "none")
+    holder.discard()
+
+
+def test_a_warm_worker_keeps_its_prepared_statements_from_batch_to_batch(db_url, conn):
+    # GIVEN five batches to drain and a worker on a connection that prepares statements
+    # (psycopg forgets every prepared statement when it sees a ROLLBACK)
+    enqueue_many(conn, [(batch, {}) for batch in "ABCDE" for _ in range(2)])
+    settings = Settings.from_env(
+        {"DATABASE_URL": db_url, "TASK_PROCESSOR": "queue_core.processor:no_work"}
+    )
+    holder = ConnectionHolder.for_settings(settings)
+    worker = Worker(holder, settings)
+
+    # WHEN it drains them one after another, then finds nothing
+    reports = worker.run_batches("w1", max_batches=6)
+
+    # THEN each statement was prepared once and reused for every batch
+    assert [r.outcome for r in reports] == [Outcome.DRAINED] * 5 + [Outcome.NO_WORK]
+    executions = dict(
+        holder.get()
+        .execute(
+            "SELECT split_part(ltrim(statement), ' ', 2),"
+            " generic_plans + custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE 'WITH %'"
+        )
+        .fetchall()
+    )
+    assert executions["preferred"] == 6  # claim_batch: one per run
+    assert executions["next"] == 10  # complete_task: one per task
     holder.discard()

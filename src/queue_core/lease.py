@@ -168,10 +168,20 @@ def release(
     return row is not None
 
 
-def clear_marker(conn: psycopg.Connection, batch_id: str, worker_id: str) -> None:
+def clear_marker(
+    conn: psycopg.Connection,
+    batch_id: str,
+    worker_id: str,
+    *,
+    end_open_transaction: bool = False,
+) -> None:
     """A batch marked as maybe pending was found empty: clear the mark, unless a task
-    may be on its way (an inserting transaction still open). One round trip."""
-    with _short_transaction(conn):
+    may be on its way (an inserting transaction still open). One round trip.
+
+    end_open_transaction: the caller's open transaction wrote nothing; COMMIT it in
+    the same round trip first.
+    """
+    with _short_transaction(conn, end_open_transaction=end_open_transaction):
         cleared = conn.execute(query("clear_marker"), {"batch_id": batch_id})
     log.debug(
         "stale pending marker met",
@@ -184,10 +194,14 @@ def clear_marker(conn: psycopg.Connection, batch_id: str, worker_id: str) -> Non
 
 
 @contextmanager
-def _short_transaction(conn: psycopg.Connection) -> Iterator[None]:
+def _short_transaction(
+    conn: psycopg.Connection, *, end_open_transaction: bool = False
+) -> Iterator[None]:
     """BEGIN, the statements of the block, COMMIT: one pipeline, one round trip."""
     try:
         with conn.pipeline():
+            if end_open_transaction and conn.info.transaction_status in _OPEN:
+                conn.execute("COMMIT")
             conn.execute(BEGIN_READ_COMMITTED)
             yield
             conn.execute("COMMIT")

@@ -37,4 +37,10 @@ def load_named(path: Path) -> dict[str, str]:
 
 def query(name: str) -> str:
     """The text of a named query; KeyError names an unknown one."""
-    return load_named(sql_dir() / "queries.sql")[name]
+    return _queries()[name]
+
+
+@cache
+def _queries() -> dict[str, str]:
+    # Looked up on every statement: no path built or hashed per call.
+    return load_named(sql_dir() / "queries.sql")

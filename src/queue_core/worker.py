@@ -164,8 +164,9 @@ class Worker:
         time_left: Callable[[], float],
     ) -> None:
         conn = self._connections.get()
+        lease_params = _lease_params(lease, self._settings)
         with self._span("lock_head"):
-            head = self._begin_and_lock_head(conn, lease)
+            head = self._begin_and_lock_head(conn, lease, lease_params)
         while True:
             if not isinstance(head, Task):
                 self._hand_back(conn, lease, head, report)
@@ -184,7 +185,7 @@ class Worker:
 
             keep_lease = self._time_for_a_task(time_left)
             with self._span("complete_task"):
-                completion = self._complete(conn, lease, task, keep_lease)
+                completion = self._complete(conn, lease, lease_params, task, keep_lease)
             if not completion.lease_held:
                 self._end_transaction(conn)
                 report.outcome = Outcome.LEASE_LOST
@@ -204,22 +205,26 @@ class Worker:
             if not completion.continuing:
                 # complete_task gave the lease back: the batch is empty, or its next
                 # head may not start yet (its retry time, its attempts used up).
-                self._end_transaction(conn)
                 report.outcome = (
                     Outcome.HEAD_WAITING if completion.more_pending else Outcome.DRAINED
                 )
                 _log_release(lease, report.outcome)
-                if not completion.more_pending:
-                    clear_marker(conn, lease.batch_id, lease.worker_id)
+                if completion.more_pending:
+                    self._end_transaction(conn)
+                else:
+                    # One round trip: end the empty transaction, clear the marker.
+                    clear_marker(
+                        conn, lease.batch_id, lease.worker_id, end_open_transaction=True
+                    )
                 return
             head = completion.next_head
 
-    def _begin_and_lock_head(self, conn: psycopg.Connection, lease: Lease) -> Head:
+    def _begin_and_lock_head(
+        self, conn: psycopg.Connection, lease: Lease, lease_params: dict
+    ) -> Head:
         with conn.pipeline():
             self._begin(conn)
-            locked = conn.execute(
-                query("lock_head"), _lease_params(lease, self._settings)
-            )
+            locked = conn.execute(query("lock_head"), lease_params)
         return _head_from_row(lease, locked.fetchone())
 
     def _begin(self, conn: psycopg.Connection) -> None:
@@ -232,7 +237,7 @@ class Worker:
         self, conn: psycopg.Connection, lease: Lease, head: Head, report: WorkReport
     ) -> None:
         """No task to start under this lease: end the transaction, release the lease."""
-        conn.execute("ROLLBACK")
+        self._end_transaction(conn)
         still_held = self._retrying(
             lambda: release(self._connections.get(), lease, found_empty=head is None)
         )
@@ -244,26 +249,25 @@ class Worker:
             report.outcome = Outcome.DRAINED if still_held else Outcome.LEASE_LOST
 
     def _complete(
-        self, conn: psycopg.Connection, lease: Lease, task: Task, keep_lease: bool
+        self,
+        conn: psycopg.Connection,
+        lease: Lease,
+        lease_params: dict,
+        task: Task,
+        keep_lease: bool,
     ) -> _Completion:
         """Delete the task and commit; if keeping the lease, lock the next head.
 
         One pipeline: a single round trip to the server.
         """
-        params = {
-            **_lease_params(lease, self._settings),
-            "task_id": task.id,
-            "keep_lease": keep_lease,
-        }
+        params = {**lease_params, "task_id": task.id, "keep_lease": keep_lease}
         next_head = None
         with conn.pipeline():
             done = conn.execute(query("complete_task"), params)
             conn.execute("COMMIT")
             if keep_lease:
                 self._begin(conn)
-                next_head = conn.execute(
-                    query("lock_head"), _lease_params(lease, self._settings)
-                )
+                next_head = conn.execute(query("lock_head"), lease_params)
         lease_held, deleted, continuing, more_pending = done.fetchone()
         if not lease_held:
             return _Completion(False, False, False, None)
@@ -350,8 +354,11 @@ class Worker:
             log.warning("could not release the lease; it will expire", exc_info=True)
 
     def _end_transaction(self, conn: psycopg.Connection) -> None:
+        """End a transaction that wrote nothing, with COMMIT: the same effect as a
+        ROLLBACK here, but psycopg drops every prepared statement on a ROLLBACK (and
+        sends DEALLOCATE ALL), which would re-plan each statement once per batch."""
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
+            conn.execute("COMMIT")
 
     def _retry_delay(self, attempt: int) -> float:
         base = self._settings.retry_base_seconds * 2 ** max(attempt - 1, 0)
@@ -372,6 +379,8 @@ class Worker:
     def _log_completion(
         self, lease: Lease, task: Task, duration_ms: float, started_at: datetime
     ) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return  # the audit line is off: skip building it
         log.info(
             "task completed",
             extra={
