@@ -19,10 +19,10 @@ from bench import peers
 from bench.cost import cost_model
 from bench.probe import through, upstream
 from bench.proxy import CountingProxy
+from bench.report import OURS, SYSTEMS
 from bench.workers import LOOPS, run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ["raw", "project", "pgqueuer", "procrastinate", "procrastinate-lock"]
 
 
 def spread(samples: list[float]) -> dict[str, float]:
@@ -192,7 +192,7 @@ class Bench:
                     try:
                         row[system] = self._drain_reps(system, workers, batches, tasks)
                     except Exception as error:  # a peer that fails here is reported
-                        if system in ("raw", "project"):
+                        if system in OURS:
                             raise
                         out["skipped"][system] = f"{type(error).__name__}: {error}"
                 raw = row["raw"]["median"]
@@ -218,7 +218,7 @@ class Bench:
         return spread(rates)
 
     def _prepare_drain(self, system: str, batches: list[str], tasks: int) -> str:
-        if system in ("raw", "project"):
+        if system in OURS:
             self._fill(len(batches), tasks, spread_seconds=1)
             return self.urls["queue"]
         if system == "pgqueuer":
@@ -230,7 +230,7 @@ class Bench:
         return self.urls["procrastinate"]
 
     def _check_drained(self, system: str) -> None:
-        if system in ("raw", "project"):
+        if system in OURS:
             left = self._pending()
         elif system == "pgqueuer":
             with psycopg.connect(self.urls["pgqueuer"]) as conn:

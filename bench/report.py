@@ -2,7 +2,9 @@
 
 from typing import Any
 
-SYSTEMS = ["raw", "project", "pgqueuer", "procrastinate", "procrastinate-lock"]
+OURS = ["raw", "project", "project-audit"]
+PEERS = ["pgqueuer", "procrastinate", "procrastinate-lock"]
+SYSTEMS = OURS + PEERS
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -103,7 +105,7 @@ def summary_line(r: dict[str, Any]) -> str:
     )
     peers = ", ".join(
         f"{system} {best['project']['median'] / best[system]['median']:.2f}x"
-        for system in SYSTEMS[2:]
+        for system in PEERS
         if system in best
     )
     return (

@@ -5,6 +5,7 @@ together, drains, and returns (start, end, tasks done). Zero-work tasks.
 """
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -38,6 +39,24 @@ def project(url: str, number: int, workers: int, batches: list[str], barrier) ->
     end = time.perf_counter()
     holder.discard()
     return start, end, done
+
+
+def project_audit(
+    url: str, number: int, workers: int, batches: list[str], barrier
+) -> tuple:
+    """The worker loop with its audit trail on, as deployed: a Powertools JSON line
+    per completion (and per claim and release), written to /dev/null, not CloudWatch."""
+    import logging
+
+    from aws_lambda_powertools import Logger
+    from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+
+    import queue_core.worker  # noqa: F401 (its logger must exist to be configured)
+
+    sink = open(os.devnull, "w")  # noqa: SIM115 (open while the process lives)
+    logger = Logger(service="bench", logger_handler=logging.StreamHandler(sink))
+    copy_config_to_registered_loggers(source_logger=logger, include={"queue_core"})
+    return project(url, number, workers, batches, barrier)
 
 
 def raw(url: str, number: int, workers: int, batches: list[str], barrier) -> tuple:
@@ -160,6 +179,7 @@ async def _procrastinate_done(app) -> int:
 
 LOOPS = {
     "project": project,
+    "project-audit": project_audit,
     "raw": raw,
     "pgqueuer": pgqueuer_worker,
     "procrastinate": procrastinate_worker,

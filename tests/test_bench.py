@@ -48,5 +48,6 @@ def test_tiny_benchmark_runs_every_part_and_writes_its_results(postgres_url, tmp
         "cost",
     ):
         assert part in results, part
+    assert {"raw", "project", "project-audit"} <= set(results["drain"]["runs"][0])
     assert results["idle_tick"]["boto3_imported"] is False
     assert done.stdout.decode().strip().splitlines()[-1].startswith("bench tiny:")

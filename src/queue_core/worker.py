@@ -178,7 +178,9 @@ class Worker:
             try:
                 processor(task)
             except Exception as error:
-                conn.execute("ROLLBACK")
+                # The transaction holds only the head's lock: the processor's work is
+                # its own, and the start was counted in an earlier commit.
+                self._end_transaction(conn)
                 self._record_failure(lease, task, error, report)
                 return
             duration_ms = (time.monotonic() - started) * 1000
@@ -354,9 +356,10 @@ class Worker:
             log.warning("could not release the lease; it will expire", exc_info=True)
 
     def _end_transaction(self, conn: psycopg.Connection) -> None:
-        """End a transaction that wrote nothing, with COMMIT: the same effect as a
-        ROLLBACK here, but psycopg drops every prepared statement on a ROLLBACK (and
-        sends DEALLOCATE ALL), which would re-plan each statement once per batch."""
+        """End a transaction that wrote nothing (it may hold the head's row lock)
+        with COMMIT: the same effect as a ROLLBACK here, but psycopg drops every
+        prepared statement on a ROLLBACK (and sends DEALLOCATE ALL), which would
+        re-plan each statement once per batch."""
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.execute("COMMIT")
 
