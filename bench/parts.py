@@ -273,38 +273,59 @@ class Bench:
         return out
 
     def claim_latency(self) -> dict[str, Any]:
-        """Part 3: one claim statement, rolled back, over a grid of sizes."""
+        """Part 3: one claim statement, rolled back, over a grid of sizes; on a
+        connection that prepares statements (the worker's) and on one that does not
+        (behind a transaction pooler). The plan of the largest case is kept."""
         from queue_core.queries import query
 
+        params = {
+            "worker_id": "bench",
+            "lease_seconds": 300,
+            "preferred_batch_id": None,
+            "busy_batch_ids": [],
+            "max_attempts": 5,
+            "on_exhausted": "dead-letter",
+        }
+        claim = query("claim_batch")
         cases = []
-        for batches in self.sizes["claim_batches"]:
-            for tasks in self.sizes["claim_tasks"]:
-                self._fill(batches, tasks)
-                samples = []
-                params = {
-                    "worker_id": "bench",
-                    "lease_seconds": 300,
-                    "preferred_batch_id": None,
-                    "busy_batch_ids": [],
-                    "max_attempts": 5,
-                    "on_exhausted": "dead-letter",
-                }
-                for _ in range(self.sizes["claim_samples"]):
-                    self.conn.execute("BEGIN")
-                    started = time.perf_counter()
-                    row = self.conn.execute(query("claim_batch"), params).fetchone()
-                    samples.append(time.perf_counter() - started)
-                    self.conn.execute("ROLLBACK")
-                    assert row is not None and row[2] is not None, row
-                cases.append(
-                    {"batches": batches, "tasks": tasks, "seconds": spread(samples)}
-                )
-                print(
-                    f"[bench]   claim {batches} batches {tasks} tasks: "
-                    f"median {cases[-1]['seconds']['median'] * 1000:.3f} ms"
-                )
+        with (
+            psycopg.connect(self.urls["queue"], autocommit=True) as prepared,
+            psycopg.connect(
+                self.urls["queue"], autocommit=True, prepare_threshold=None
+            ) as unprepared,
+        ):
+            prepared.prepare_threshold = 0
+            for batches in self.sizes["claim_batches"]:
+                for tasks in self.sizes["claim_tasks"]:
+                    self._fill(batches, tasks)
+                    case: dict[str, Any] = {"batches": batches, "tasks": tasks}
+                    for key, conn in (
+                        ("seconds", prepared),
+                        ("unprepared_seconds", unprepared),
+                    ):
+                        samples = []
+                        for _ in range(self.sizes["claim_samples"]):
+                            conn.execute("BEGIN")
+                            started = time.perf_counter()
+                            row = conn.execute(claim, params).fetchone()
+                            samples.append(time.perf_counter() - started)
+                            _rollback_keeping_prepared(conn)
+                            assert row is not None and row[2] is not None, row
+                        case[key] = spread(samples)
+                    cases.append(case)
+                    print(
+                        f"[bench]   claim {batches} batches {tasks} tasks: median "
+                        f"{case['seconds']['median'] * 1000:.3f} ms "
+                        f"({case['unprepared_seconds']['median'] * 1000:.3f} "
+                        "unprepared)"
+                    )
+            plan = _explained(unprepared, claim, params)
         medians = [case["seconds"]["median"] for case in cases]
-        return {"cases": cases, "largest_over_smallest": medians[-1] / medians[0]}
+        return {
+            "cases": cases,
+            "largest_over_smallest": medians[-1] / medians[0],
+            "plan_of_largest": plan,
+        }
 
     def sustained(self) -> dict[str, Any]:
         """Part 4: enqueue (single, bulk), then drain everything with 4 workers."""
@@ -382,6 +403,24 @@ class Bench:
             "boto3_imported_after_invoke": invoke["boto3_imported"],
             "botocore_imported_after_invoke": invoke["botocore_imported"],
         }
+
+
+def _rollback_keeping_prepared(conn: psycopg.Connection) -> None:
+    """ROLLBACK under psycopg's eyes: it drops its prepared statements when it runs
+    one, and the worker, which never rolls back on its normal path, keeps them."""
+    conn.pgconn.exec_(b"ROLLBACK")
+
+
+def _explained(conn: psycopg.Connection, statement: str, params: dict) -> str:
+    """EXPLAIN ANALYZE of one statement, rolled back."""
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, params
+        ).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return "\n".join(row[0] for row in rows)
 
 
 def _in_process(system: str, url: str, batches: list[str], proxy) -> None:

@@ -42,14 +42,19 @@ def print_table(r: dict[str, Any]) -> None:
     )
 
     claim = r["claim_latency"]
-    print("\n3. claim latency (one claim statement), ms")
+    print("\n3. claim latency (one claim statement), ms: prepared | unprepared")
     for case in claim["cases"]:
-        s = case["seconds"]
+        s, u = case["seconds"], case["unprepared_seconds"]
         print(
             f"   {case['batches']:>7} batches {case['tasks']:>9} tasks: median "
-            f"{s['median'] * 1e3:.3f} p99 {s.get('p99', s['max']) * 1e3:.3f}"
+            f"{s['median'] * 1e3:.3f} p99 {s.get('p99', s['max']) * 1e3:.3f} | "
+            f"median {u['median'] * 1e3:.3f} p99 {u.get('p99', u['max']) * 1e3:.3f}"
         )
     print(f"   largest/smallest median: {claim['largest_over_smallest']:.2f}")
+    execution = [
+        line for line in claim["plan_of_largest"].splitlines() if "Execution" in line
+    ]
+    print(f"   plan of the largest case in the JSON file ({''.join(execution)})")
 
     sus = r["sustained"]
     print(f"\n4. sustained: {sus['tasks']} tasks, {sus['batches']} batches, 4 workers")
