@@ -3,6 +3,14 @@
 -- Every decision about a lease uses the database clock (statement_timestamp()), never
 -- the worker's, and never the transaction's start time (now()), which lags behind a long
 -- task.
+--
+-- A batch's head is found with
+--     WHERE t."BatchId" >= b AND t."BatchId" <= b ORDER BY t."BatchId", t."Id" LIMIT 1
+-- which means "BatchId" = b ORDER BY "Id", written so that only the ("BatchId", "Id")
+-- index can serve it. Written with "=", the planner may instead walk the primary key in
+-- "Id" order and filter on the batch, a plan it costs as cheap when the batch holds a large
+-- share of the rows, and which reads every older task of the other batches first when this
+-- batch's tasks came later: 63 ms instead of 0.3 ms behind 900,000 tasks.
 
 -- name: enqueue_tasks
 -- Create the lease rows of new batches and insert the tasks, in the given order; one statement.
@@ -43,8 +51,8 @@ WITH preferred AS MATERIALIZED (
           SELECT FROM (
               SELECT head."NotBefore"
               FROM "Tasks" head
-              WHERE head."BatchId" = lease."BatchId"
-              ORDER BY head."Id"
+              WHERE head."BatchId" >= lease."BatchId" AND head."BatchId" <= lease."BatchId"
+              ORDER BY head."BatchId", head."Id"
               LIMIT 1
           ) AS head
           WHERE head."NotBefore" > statement_timestamp()
@@ -67,8 +75,8 @@ least_recent AS MATERIALIZED (
           SELECT FROM (
               SELECT head."NotBefore"
               FROM "Tasks" head
-              WHERE head."BatchId" = lease."BatchId"
-              ORDER BY head."Id"
+              WHERE head."BatchId" >= lease."BatchId" AND head."BatchId" <= lease."BatchId"
+              ORDER BY head."BatchId", head."Id"
               LIMIT 1
           ) AS head
           WHERE head."NotBefore" > statement_timestamp()
@@ -82,12 +90,18 @@ candidate AS MATERIALIZED (
     UNION ALL
     SELECT * FROM least_recent
 ),
+-- One probe of ("BatchId", "Id") for the candidate's head, whatever the other batches hold.
 head AS MATERIALIZED (
-    SELECT task."Id"
-    FROM "Tasks" task
-    JOIN candidate ON candidate."BatchId" = task."BatchId"
-    ORDER BY task."Id"
-    LIMIT 1
+    SELECT first."Id"
+    FROM candidate
+    CROSS JOIN LATERAL (
+        SELECT task."Id"
+        FROM "Tasks" task
+        WHERE task."BatchId" >= candidate."BatchId"
+          AND task."BatchId" <= candidate."BatchId"
+        ORDER BY task."BatchId", task."Id"
+        LIMIT 1
+    ) AS first
 ),
 -- Locks exactly the head, or nothing when another transaction holds it.
 locked_head AS MATERIALIZED (
@@ -186,12 +200,15 @@ SELECT queue_clear_marker(%(batch_id)s);
 WITH head AS MATERIALIZED (
     SELECT task."Id"
     FROM "Tasks" task
-    JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
-    WHERE lease."BatchId" = %(batch_id)s
-      AND lease."FencingToken" = %(fencing_token)s
-      AND lease."LockedBy" IS NOT NULL
-      AND lease."LockedAt" > statement_timestamp() - make_interval(secs => %(lease_seconds)s)
-    ORDER BY task."Id"
+    WHERE task."BatchId" >= %(batch_id)s AND task."BatchId" <= %(batch_id)s
+      AND EXISTS (
+          SELECT FROM "BatchLocks" lease
+          WHERE lease."BatchId" = %(batch_id)s
+            AND lease."FencingToken" = %(fencing_token)s
+            AND lease."LockedBy" IS NOT NULL
+            AND lease."LockedAt" > statement_timestamp()
+                                   - make_interval(secs => %(lease_seconds)s))
+    ORDER BY task."BatchId", task."Id"
     LIMIT 1
 ),
 locked AS MATERIALIZED (
@@ -219,8 +236,9 @@ WITH next AS MATERIALIZED (
            AND task."Attempts" < coalesce(lease."MaxAttempts", %(max_attempts)s) AS ready
     FROM "Tasks" task
     JOIN "BatchLocks" lease ON lease."BatchId" = task."BatchId"
-    WHERE task."BatchId" = %(batch_id)s AND task."Id" <> %(task_id)s
-    ORDER BY task."Id"
+    WHERE task."BatchId" >= %(batch_id)s AND task."BatchId" <= %(batch_id)s
+      AND task."Id" <> %(task_id)s
+    ORDER BY task."BatchId", task."Id"
     LIMIT 1
 ),
 lease AS (
@@ -369,8 +387,8 @@ CROSS JOIN LATERAL (
 LEFT JOIN LATERAL (
     SELECT task."Id", task."Attempts", task."LastError", task."NotBefore"
     FROM "Tasks" task
-    WHERE task."BatchId" = lease."BatchId"
-    ORDER BY task."Id"
+    WHERE task."BatchId" >= lease."BatchId" AND task."BatchId" <= lease."BatchId"
+    ORDER BY task."BatchId", task."Id"
     LIMIT 1
 ) AS head ON true
 WHERE %(batch_id)s::text IS NULL OR lease."BatchId" = %(batch_id)s
@@ -380,9 +398,7 @@ ORDER BY lease."BatchId";
 -- For the scheduled tick, in one statement: how many batches could be claimed now (counted up
 -- to a limit), how many leases are held, and the queue's depth and oldest pending age (the
 -- tick's metrics). The first two walk the index of batches that may have work, so an idle
--- queue answers from an empty index.
--- TODO: the depth is an exact count of "Tasks", read once a minute; with millions pending,
--- pg_class.reltuples (an estimate) would keep the tick cheap.
+-- queue answers from an empty index; the gauges stay cheap at any depth ("QueueGauges").
 SELECT
     (SELECT count(*)
      FROM (
@@ -392,8 +408,8 @@ SELECT
          CROSS JOIN LATERAL (
              SELECT head."NotBefore"
              FROM "Tasks" head
-             WHERE head."BatchId" = lease."BatchId"
-             ORDER BY head."Id"
+             WHERE head."BatchId" >= lease."BatchId" AND head."BatchId" <= lease."BatchId"
+             ORDER BY head."BatchId", head."Id"
              LIMIT 1
          ) AS head
          WHERE lease."MaybePending"
@@ -416,22 +432,12 @@ SELECT
      ) AS held) AS held,
     gauges.pending,
     gauges.oldest_pending_seconds
-FROM (
-    SELECT count(*) AS pending,
-           coalesce(extract(epoch FROM statement_timestamp() - min("EnqueuedAt")), 0)
-               AS oldest_pending_seconds
-    FROM "Tasks"
-) AS gauges;
+FROM "QueueGauges" AS gauges;
 
 -- name: queue_gauges
--- The whole queue at a glance, for the metrics of a scheduled tick: pending tasks and the
--- age of the oldest. One pass over "Tasks" (no per-batch grouping).
--- TODO: the exact count reads every pending row, once a minute; with millions pending,
--- pg_class.reltuples (an estimate) would keep the tick cheap.
-SELECT count(*) AS pending,
-       coalesce(extract(epoch FROM statement_timestamp() - min("EnqueuedAt")), 0)
-           AS oldest_pending_seconds
-FROM "Tasks";
+-- The whole queue at a glance: pending tasks (exact up to 10,000, estimated beyond) and
+-- the age of the oldest (see the "QueueGauges" view in the migrations).
+SELECT pending, oldest_pending_seconds FROM "QueueGauges";
 
 -- name: set_local_lock_timeout
 -- Bound how long the rest of this transaction waits for a row lock (an operator's write
@@ -462,8 +468,8 @@ FROM "BatchLocks" lease
 LEFT JOIN LATERAL (
     SELECT task."Id", task."Attempts", task."NotBefore", task."LastError"
     FROM "Tasks" task
-    WHERE task."BatchId" = lease."BatchId"
-    ORDER BY task."Id"
+    WHERE task."BatchId" >= lease."BatchId" AND task."BatchId" <= lease."BatchId"
+    ORDER BY task."BatchId", task."Id"
     LIMIT 1
 ) AS head ON true
 WHERE %(batch_id)s::text IS NULL OR lease."BatchId" = %(batch_id)s
@@ -499,8 +505,8 @@ WITH resumed AS (
 head AS MATERIALIZED (
     SELECT task."Id"
     FROM "Tasks" task
-    WHERE task."BatchId" = %(batch_id)s
-    ORDER BY task."Id"
+    WHERE task."BatchId" >= %(batch_id)s AND task."BatchId" <= %(batch_id)s
+    ORDER BY task."BatchId", task."Id"
     LIMIT 1
 ),
 locked_head AS MATERIALIZED (

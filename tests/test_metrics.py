@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import pytest
 
-from queue_core import enqueue_many
+from queue_core import enqueue_many, operations
 from queue_core.lease import claim_batch
 from queue_core.models import Outcome, WorkReport
 from tests.support import db
@@ -62,11 +62,11 @@ def invoke(handler_app, capsys):
 
 
 def test_scheduled_tick_reports_queue_depth_and_oldest_age(invoke, conn):
-    # GIVEN three pending tasks over two batches, the oldest enqueued a while ago
+    # GIVEN three pending tasks over two batches, the first enqueued a while ago
     enqueue_many(conn, [("A", {}), ("A", {}), ("B", {})])
     conn.execute(
         """UPDATE "Tasks" SET "EnqueuedAt" = now() - interval '90 seconds'"""
-        """ WHERE "BatchId" = 'B'"""
+        """ WHERE "Id" = (SELECT min("Id") FROM "Tasks")"""
     )
 
     # WHEN the schedule ticks
@@ -179,3 +179,32 @@ def test_dead_lettered_tasks_of_a_report_are_counted(handler_app, capsys):
 
     # THEN both are counted, for the dead-letter alarm
     assert Emitted(capsys.readouterr().out).total("TasksDeadLettered") == 2
+
+
+def test_queue_gauges_stay_cheap_beyond_ten_thousand_pending(conn):
+    # GIVEN more pending tasks than the gauges count one by one, the first an hour old
+    enqueue_many(conn, [(f"b{n}", {}) for n in range(100)])
+    conn.execute('DELETE FROM "Tasks"')
+    conn.execute(
+        """INSERT INTO "Tasks" ("BatchId", "EnqueuedAt")
+           SELECT 'b' || (n % 100), now() - (n = 0)::int * interval '1 hour'
+           FROM generate_series(0, 20049) AS n ORDER BY n"""
+    )
+
+    # WHEN the gauges are read before and after the table's statistics are refreshed
+    before = operations.queue_gauges(conn)
+    conn.execute('ANALYZE "Tasks"')
+    after = operations.queue_gauges(conn)
+
+    # THEN the depth is never below what was counted, and close to the truth once
+    # analyzed; the age is the first task's, found through the primary key
+    assert before.pending >= 10_000
+    assert abs(after.pending - 20_050) <= 400
+    assert 3600 <= after.oldest_pending_seconds < 3660
+    plan = "\n".join(
+        row[0]
+        for row in conn.execute(
+            'EXPLAIN (COSTS OFF) SELECT * FROM "QueueGauges"'
+        ).fetchall()
+    )
+    assert '"Tasks_pkey"' in plan
