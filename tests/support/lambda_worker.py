@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = time.monotonic() + args.deadline_seconds
     names = args.events.split(",")
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as observer:
+    # Never prepared: DATABASE_URL may lead through a transaction pooler (PgBouncer),
+    # where a statement prepared on one server session is unknown to the next.
+    with psycopg.connect(
+        os.environ["DATABASE_URL"], autocommit=True, prepare_threshold=None
+    ) as observer:
         invocations = args.invocations or (10**9 if args.until_empty else 1)
         for number in range(invocations):
             if time.monotonic() > deadline:
