@@ -96,6 +96,10 @@ def test_database_url_is_used_as_it_is(db_url):
             "DB_PORT must be a port number",
         ),
         (
+            {"DB_SECRET_ARN": "arn:x", "DB_PORT": "\u00b2"},
+            "DB_PORT must be a port number",
+        ),
+        (
             {"DB_SECRET_ARN": "arn:x", "DB_SECRET_MAX_AGE_SECONDS": "0"},
             "DB_SECRET_MAX_AGE_SECONDS must be a whole number above 0",
         ),

@@ -361,6 +361,17 @@ def test_default_request_size_limit_is_16_kib(handler_app):
     assert handler_app.MAX_BODY_BYTES == 16 * 1024
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "12kb", "0", "-5"])
+def test_a_bad_request_size_limit_falls_back_to_the_default(
+    handler_app, monkeypatch, value
+):
+    # GIVEN a MAX_REQUEST_BYTES that is not a whole number of at least 1
+    monkeypatch.setenv("MAX_REQUEST_BYTES", value)
+
+    # THEN the function still loads, with the 16 KiB default
+    assert handler_app._max_body_bytes() == 16 * 1024
+
+
 BAD_DIRECT_INVOKES = {
     "a list": ([{"batchId": "B"}], "event"),
     "a string": ('{"batchId": "B"}', "event"),

@@ -135,6 +135,8 @@ def test_settings_are_read_from_the_environment():
     [
         ("MAX_PAYLOAD_BYTES", "0.5", "whole number"),
         ("MAX_CONCURRENCY", "2.5", "whole number"),
+        ("MAX_CONCURRENCY", "\u00b2", "whole number"),  # a digit to str.isdigit()
+        ("MAX_PAYLOAD_BYTES", "\u0663\u0660\u0660", "whole number"),  # Arabic-Indic
         ("LEASE_TIMEOUT_SECONDS", "inf", "LEASE_TIMEOUT_SECONDS"),
         ("SAFETY_MARGIN_SECONDS", "nan", "SAFETY_MARGIN_SECONDS"),
     ],

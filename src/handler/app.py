@@ -33,14 +33,16 @@ from queue_core import (
 )
 from queue_core.db import retrying
 from queue_core.dispatch import DispatchPlan, plan_dispatch
+from queue_core.validation import whole_number
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
 
 
 def _max_body_bytes() -> int:
     raw = os.environ.get("MAX_REQUEST_BYTES", "").strip()
-    if raw.isdigit() and int(raw) >= 1:
-        return int(raw)
+    value = whole_number(raw)
+    if value is not None and value >= 1:
+        return value
     if raw:
         # Read at import: a bad value must not stop the function from loading at all.
         logging.getLogger(__name__).warning(

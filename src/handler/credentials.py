@@ -29,6 +29,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from queue_core.errors import ConfigurationError, DatabaseUnavailable
+from queue_core.validation import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,12 @@ def _endpoint(environ: Mapping[str, str]) -> Endpoint:
         return environ.get(name, "").strip() or None
 
     port = text("DB_PORT")
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    port_number = whole_number(port) if port is not None else None
+    if port is not None and not (port_number and port_number < 65536):
         raise ConfigurationError(f"DB_PORT must be a port number, got {port!r}")
     return Endpoint(
         host=text("DB_HOST"),
-        port=int(port) if port else None,
+        port=port_number,
         dbname=text("DB_NAME"),
         user=text("DB_USER"),
         sslmode=text("DB_SSLMODE") or "require",
@@ -303,6 +305,7 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) <= 0:
+    value = whole_number(raw)
+    if value is None or value <= 0:
         raise ConfigurationError(f"{name} must be a whole number above 0, got {raw!r}")
-    return int(raw)
+    return value

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from queue_core.errors import ConfigurationError
+from queue_core.validation import whole_number
 
 DEFAULT_PROCESSOR = "queue_core.processor:simulated_work"
 
@@ -124,11 +125,12 @@ def _whole(env, name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    value = whole_number(raw)
+    if value is None or value < 1:
         raise ConfigurationError(
             f"{name} must be a whole number of at least 1, got {raw!r}"
         )
-    return int(raw)
+    return value
 
 
 def _choice(env, name: str, choices: tuple[str, ...]) -> str:

@@ -12,6 +12,17 @@ _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 
 MAX_PAYLOAD_DEPTH = 32
 
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(raw: str) -> int | None:
+    """The value of a setting written as ASCII digits (at most 18), else None.
+
+    str.isdigit() would also take "²" or Arabic-Indic digits, which int() refuses or
+    reads differently.
+    """
+    return int(raw) if _WHOLE_NUMBER.fullmatch(raw) else None
+
 
 def check_batch_id(batch_id: object, field: str = "batchId") -> str:
     """Return the batch id if it is a valid name, else raise InvalidInput."""
