@@ -179,6 +179,10 @@ BAD_ENQUEUES = {
         ["--batch", "A", "--payload", "[" * 6000 + "]" * 6000],
         "--payload",
     ),
+    "payload an integer of 5000 digits": (
+        ["--batch", "A", "--payload", "9" * 5000],
+        "--payload: must not hold a number of over 4,300 digits",
+    ),
     "payload nested too deep": (
         ["--batch", "A", "--payload", "[" * 40 + "]" * 40],
         "tasks[0].payload",

@@ -33,7 +33,8 @@ from queue_core import (
 )
 from queue_core.db import retrying
 from queue_core.dispatch import DispatchPlan, plan_dispatch
-from queue_core.validation import whole_number
+from queue_core.errors import InvalidInput
+from queue_core.validation import parse_json, whole_number
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
 
@@ -128,20 +129,9 @@ def process_task() -> Response:
     if len(raw) > MAX_BODY_BYTES:
         return _body_too_large()
     try:
-        document = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as error:
-        problem = {"field": "body", "rule": f"must be valid JSON ({error.msg})"}
-        return _http_error(400, [problem])
-    except RecursionError:
-        problem = {"field": "body", "rule": "must not nest JSON this deeply"}
-        return _http_error(400, [problem])
-    except ValueError as error:
-        # Python refuses integers of more than 4300 digits.
-        problem = {
-            "field": "body",
-            "rule": f"must hold numbers Python can read ({error})",
-        }
-        return _http_error(400, [problem])
+        document = parse_json(raw, "body") if raw.strip() else {}
+    except InvalidInput as error:
+        return _http_error(400, [{"field": error.field, "rule": error.rule}])
     if not isinstance(document, dict):
         problem = {"field": "body", "rule": "must be a JSON object"}
         return _http_error(400, [problem])

@@ -30,7 +30,7 @@ from queue_core.db import connect, server_bounds
 from queue_core.enqueue import enqueue_many
 from queue_core.errors import ConfigurationError, InvalidInput, QueueError
 from queue_core.migrations import migrate
-from queue_core.validation import MAX_PAYLOAD_DEPTH
+from queue_core.validation import parse_json, whole_number
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -377,7 +377,7 @@ def _tasks_from_args(args) -> Iterator[tuple[str, Any]]:
         if args.batch is None:
             raise InvalidInput("--batch", "is required unless --file is given")
         payload = "{}" if args.payload is None else args.payload
-        yield args.batch, _json(payload, "--payload")
+        yield args.batch, parse_json(payload, "--payload")
         return
     if args.batch is not None or args.payload is not None:
         raise InvalidInput(
@@ -386,7 +386,7 @@ def _tasks_from_args(args) -> Iterator[tuple[str, Any]]:
         )
     for number, line in _lines(args.file):
         field = f"line {number}"
-        record = _json(line, field)
+        record = parse_json(line, field)
         if not isinstance(record, dict) or "batchId" not in record:
             raise InvalidInput(field, 'must be an object with "batchId"')
         unknown = sorted(set(record) - set(TASK_LINE_FIELDS))
@@ -415,27 +415,15 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
-def _json(text: str, field: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidInput(
-            field, f"must be valid JSON ({error.msg} at {error.pos})"
-        ) from None
-    except RecursionError:
-        raise InvalidInput(
-            field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
-        ) from None
-
-
 def _id_list(text: str) -> list[int]:
     return [_whole_number(part, "--ids") for part in text.split(",") if part.strip()]
 
 
 def _whole_number(text: str, field: str) -> int:
-    if not text.strip().isdigit():
+    value = whole_number(text.strip())
+    if value is None:
         raise InvalidInput(field, f"must be whole numbers, got {text!r}")
-    return int(text)
+    return value
 
 
 # ----------------------------------------------------------------------- output

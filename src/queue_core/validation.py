@@ -24,6 +24,24 @@ def whole_number(raw: str) -> int | None:
     return int(raw) if _WHOLE_NUMBER.fullmatch(raw) else None
 
 
+def parse_json(text: str | bytes, field: str) -> Any:
+    """The value of a JSON text; InvalidInput names the field and what is wrong."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidInput(
+            field, f"must be valid JSON ({error.msg} at {error.pos})"
+        ) from None
+    except RecursionError:
+        raise InvalidInput(
+            field, f"must nest at most {MAX_PAYLOAD_DEPTH} levels"
+        ) from None
+    except ValueError:  # Python reads integers of up to 4,300 digits
+        raise InvalidInput(
+            field, "must not hold a number of over 4,300 digits"
+        ) from None
+
+
 def check_batch_id(batch_id: object, field: str = "batchId") -> str:
     """Return the batch id if it is a valid name, else raise InvalidInput."""
     if not isinstance(batch_id, str):
