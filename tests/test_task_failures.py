@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from queue_core import ConfigurationError, Settings, enqueue_many
+from queue_core import (
+    ConfigurationError,
+    ConnectionHolder,
+    Outcome,
+    Settings,
+    Worker,
+    enqueue_many,
+)
 from queue_core.processor import load_processor
 from tests.support import db
 from tests.support.events import load_event
@@ -158,3 +165,29 @@ def test_fractional_connect_timeout_rounds_up_never_to_zero():
 
     # THEN the connection timeout is one whole second
     assert settings.connect_timeout_seconds == 1
+
+
+def test_failure_is_recorded_even_when_the_session_died_while_the_processor_ran(
+    db_url, conn
+):
+    # GIVEN a task whose processor loses the worker's database session, then fails
+    (task_id,) = enqueue_many(conn, [("A", {})])
+    holder = ConnectionHolder(db_url)
+    settings = db.settings(db_url, RETRY_BASE_SECONDS=60)
+
+    def cut_off_then_fail(task):
+        pid = holder.get().info.backend_pid
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        raise ValueError("the processor's own error")
+
+    # WHEN the worker runs it
+    report = Worker(holder, settings, processor=cut_off_then_fail).run("w1")
+    holder.discard()
+
+    # THEN the processor's error is recorded, with its backoff, on a new session
+    assert report.outcome == Outcome.TASK_FAILED
+    assert report.failed_task_id == task_id
+    row = db.task(conn, task_id)
+    assert row["LastError"] == "ValueError: the processor's own error"
+    assert row["NotBefore"] is not None
+    assert row["Attempts"] == 1

@@ -180,7 +180,12 @@ class Worker:
             except Exception as error:
                 # The transaction holds only the head's lock: the processor's work is
                 # its own, and the start was counted in an earlier commit.
-                self._end_transaction(conn)
+                try:
+                    self._end_transaction(conn)
+                except psycopg.Error:
+                    # The session died meanwhile (and its lock with it): the failure
+                    # is still recorded, on a new one, if the lease holds.
+                    self._connections.discard()
                 self._record_failure(lease, task, error, report)
                 return
             duration_ms = (time.monotonic() - started) * 1000
