@@ -307,6 +307,11 @@ BAD_HTTP_REQUESTS = {
     ),
     "TRACE": (lambda: function_url_event(None, method="TRACE"), 405, "method"),
     "CONNECT": (lambda: function_url_event(None, method="CONNECT"), 405, "method"),
+    "a method HTTP does not have": (
+        lambda: function_url_event(None, method="FOO"),
+        405,
+        "method",
+    ),
     "an integer of 5000 digits": (
         lambda: function_url_event('{"batchId": ' + "9" * 5000 + "}"),
         400,
@@ -386,6 +391,10 @@ BAD_DIRECT_INVOKES = {
     "requestContext a string": ({"requestContext": "http"}, "requestContext"),
     "requestContext a list": ({"requestContext": ["http"]}, "requestContext"),
     "requestContext without http": ({"requestContext": {}}, "requestContext"),
+    "requestContext.http without a method": (
+        {"requestContext": {"http": {"path": "/process-task"}}},
+        "requestContext",
+    ),
     "true": (True, "event"),
     "batchId empty": ({"batchId": ""}, "batchId"),
     "batchId true": ({"batchId": True}, "batchId"),

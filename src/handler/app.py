@@ -158,6 +158,8 @@ def process_task_wrong_method() -> Response:
 @url_app.not_found
 def unknown_path(_error: Exception) -> Response:
     path = url_app.current_event.path
+    if path == "/process-task":  # a method no route names
+        return process_task_wrong_method()
     return _http_error(
         404, [{"field": "path", "rule": f"must be /process-task, got {path}"}]
     )
@@ -279,8 +281,10 @@ def _record_metrics(report: WorkReport) -> None:
 
 
 def _is_function_url_event(event: Any) -> bool:
+    """A Function URL request: anything less is refused as a direct invoke."""
     context = event.get("requestContext") if isinstance(event, dict) else None
-    return isinstance(context, dict) and isinstance(context.get("http"), dict)
+    http = context.get("http") if isinstance(context, dict) else None
+    return isinstance(http, dict) and isinstance(http.get("method"), str)
 
 
 def _raw_body(body: str, is_base64: bool) -> bytes:
