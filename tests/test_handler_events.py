@@ -486,8 +486,10 @@ def test_direct_invoke_with_odd_request_context_is_refused(
         {"source": "aws.events", "detail-type": "Scheduled Event"},
         {**load_event("schedule-default"), "time": "not a time"},
         {**load_event("schedule-default"), "detail": "not an object"},
+        {**load_event("schedule-default"), "detail": {"batchId": "A"}},
+        {**load_event("schedule-default"), "detail-type": "Object Created"},
     ],
-    ids=["fields missing", "bad time", "bad detail"],
+    ids=["fields missing", "bad time", "bad detail", "detail not empty", "not a tick"],
 )
 def test_malformed_scheduled_event_is_refused(handler_app, conn, queue, event):
     before = db.table_state(conn)

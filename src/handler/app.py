@@ -17,12 +17,11 @@ from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Respo
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.parser import parse
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from handler.credentials import conninfo_provider
-from handler.models import WorkRequest, describe_errors
+from handler.models import ScheduledTick, WorkRequest, describe_errors
 from queue_core import (
     ConnectionHolder,
     DatabaseUnavailable,
@@ -102,7 +101,7 @@ def lambda_handler(event: Any, context: LambdaContext) -> dict[str, Any]:
 
     if _is_scheduled_event(event):
         try:
-            tick = parse(event=event, model=EventBridgeModel)
+            tick = parse(event=event, model=ScheduledTick)
         except ValidationError as error:
             return _rejected(error, entry="schedule")
         logger.set_correlation_id(tick.id)

@@ -1,5 +1,8 @@
 """Input models of the entry points, validated with the Powertools parser (pydantic)."""
 
+from typing import Any
+
+from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from queue_core.validation import BATCH_ID_RULE, check_batch_id
@@ -41,6 +44,31 @@ class WorkRequest(BaseModel):
             return check_batch_id(value)
         except ValueError:
             raise ValueError(BATCH_ID_RULE) from None
+
+
+class ScheduledTick(EventBridgeModel):
+    """The every-minute tick of an EventBridge rule or schedule. It carries nothing: a
+    batch to work first goes in the target's Input, which replaces the whole event."""
+
+    @field_validator("detail_type")
+    @classmethod
+    def _scheduled(cls, value: str) -> str:
+        if value != "Scheduled Event":
+            raise ValueError(
+                f'must be "Scheduled Event", got {value!r}: other events are not ticks'
+            )
+        return value
+
+    @field_validator("detail", mode="before")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        # EventBridge sends {}; EventBridge Scheduler sends the text "{}".
+        if value in ({}, "{}"):
+            return {}
+        raise ValueError(
+            "must be empty: to work a batch first, set the target's Input to "
+            '{"batchId": "B"}'
+        )
 
 
 def describe_errors(error: ValidationError) -> list[dict[str, str]]:
