@@ -72,3 +72,35 @@ def test_migrate_adopts_the_original_schema_and_its_pending_tasks(empty_db_url):
     assert by_batch["A"] == [ids[0], ids[2]]
     assert by_batch["B"][:2] == [ids[1], ids[3]]
     assert "old-worker" in {r.taken_over_from for r in reports}
+
+
+def test_migrate_refuses_batch_names_outside_the_rule_naming_them(empty_db_url):
+    # GIVEN a database of the original schema with batches the name rule refuses
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(ORIGINAL_SCHEMA)
+        for batch in ["ok", "a b", "A ", ""]:
+            conn.execute('INSERT INTO "Tasks" ("BatchId") VALUES (%s)', (batch,))
+        before = db_shape(conn)
+
+        # WHEN it is migrated
+        try:
+            migrate(conn)
+        except psycopg.errors.CheckViolation as error:
+            refused = error
+        else:
+            raise AssertionError("the migration went through")
+
+        # THEN the error names each bad batch and what to do, and nothing changed
+        assert "3 batch name(s) break the rule" in str(refused)
+        assert "'', 'A ', 'a b'" in str(refused)
+        assert "Rename those batches" in refused.diag.message_hint
+        assert db_shape(conn) == before
+
+
+def db_shape(conn: psycopg.Connection) -> list[tuple]:
+    """Every table and column, and every task."""
+    columns = conn.execute(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = 'public' ORDER BY 1, 2"
+    ).fetchall()
+    return columns + conn.execute('SELECT * FROM "Tasks" ORDER BY 1').fetchall()

@@ -50,12 +50,28 @@ SELECT DISTINCT "BatchId" FROM "Tasks"
 ON CONFLICT DO NOTHING;
 
 DO $$
+DECLARE
+    bad_count bigint;
+    bad_names text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_constraint WHERE conname = 'FK_Tasks_BatchLocks') THEN
         ALTER TABLE "Tasks" ADD CONSTRAINT "FK_Tasks_BatchLocks"
             FOREIGN KEY ("BatchId") REFERENCES "BatchLocks" ("BatchId");
     END IF;
     IF NOT EXISTS (SELECT FROM pg_constraint WHERE conname = 'CK_BatchLocks_BatchId') THEN
+        -- An adopted database may hold names the rule refuses: name them, change nothing.
+        SELECT count(*), string_agg(format('%L', "BatchId"), ', ')
+                         FILTER (WHERE listed <= 5)
+        INTO bad_count, bad_names
+        FROM (SELECT "BatchId", row_number() OVER (ORDER BY "BatchId") AS listed
+              FROM "BatchLocks"
+              WHERE "BatchId" !~ '^[A-Za-z0-9_.:-]{1,64}$') AS bad;
+        IF bad_count > 0 THEN
+            RAISE EXCEPTION '% batch name(s) break the rule ^[A-Za-z0-9_.:-]{1,64}$: %',
+                bad_count, bad_names
+                USING ERRCODE = 'check_violation',
+                      HINT = 'Rename those batches, then migrate again.';
+        END IF;
         ALTER TABLE "BatchLocks" ADD CONSTRAINT "CK_BatchLocks_BatchId"
             CHECK ("BatchId" ~ '^[A-Za-z0-9_.:-]{1,64}$');
     END IF;
