@@ -303,15 +303,7 @@ class Bench:
                         ("seconds", prepared),
                         ("unprepared_seconds", unprepared),
                     ):
-                        samples = []
-                        for _ in range(self.sizes["claim_samples"]):
-                            conn.execute("BEGIN")
-                            started = time.perf_counter()
-                            row = conn.execute(claim, params).fetchone()
-                            samples.append(time.perf_counter() - started)
-                            _rollback_keeping_prepared(conn)
-                            assert row is not None and row[2] is not None, row
-                        case[key] = spread(samples)
+                        case[key] = self._claim_samples(conn, claim, params)
                     cases.append(case)
                     print(
                         f"[bench]   claim {batches} batches {tasks} tasks: median "
@@ -320,12 +312,50 @@ class Bench:
                         "unprepared)"
                     )
             plan = _explained(unprepared, claim, params)
+            late = self._late_batch(prepared, claim, params)
         medians = [case["seconds"]["median"] for case in cases]
         return {
             "cases": cases,
             "largest_over_smallest": medians[-1] / medians[0],
             "plan_of_largest": plan,
+            "late_batch": late,
         }
+
+    def _claim_samples(self, conn: psycopg.Connection, claim: str, params: dict):
+        samples = []
+        for _ in range(self.sizes["claim_samples"]):
+            conn.execute("BEGIN")
+            started = time.perf_counter()
+            row = conn.execute(claim, params).fetchone()
+            samples.append(time.perf_counter() - started)
+            _rollback_keeping_prepared(conn)
+            assert row is not None and row[2] is not None, row
+        return spread(samples)
+
+    def _late_batch(self, conn: psycopg.Connection, claim: str, params: dict):
+        """Claims of a batch whose 10 tasks came after a backlog of the largest size
+        in 10 other batches, so that its head sits behind all of it in "Id" order."""
+        backlog = max(self.sizes["claim_tasks"])
+        self._fill(10, backlog)
+        self.conn.execute(
+            """INSERT INTO "BatchLocks" ("BatchId", "LockedAt")
+               VALUES ('late', now() - interval '1 day')"""
+        )
+        self.conn.execute(
+            """INSERT INTO "Tasks" ("BatchId")
+               SELECT 'late' FROM generate_series(1, 10)"""
+        )
+        self.conn.execute('VACUUM ANALYZE "Tasks"')
+        self.conn.execute("BEGIN")
+        first = self.conn.execute(claim, params).fetchone()
+        self.conn.execute("ROLLBACK")
+        assert first[0] == "late", first  # the least recently worked
+        seconds = self._claim_samples(conn, claim, params)
+        print(
+            f"[bench]   claim of a batch behind {backlog} tasks: "
+            f"median {seconds['median'] * 1000:.3f} ms"
+        )
+        return {"backlog": backlog, "seconds": seconds}
 
     def sustained(self) -> dict[str, Any]:
         """Part 4: enqueue (single, bulk), then drain everything with 4 workers."""

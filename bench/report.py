@@ -55,6 +55,11 @@ def print_table(r: dict[str, Any]) -> None:
         line for line in claim["plan_of_largest"].splitlines() if "Execution" in line
     ]
     print(f"   plan of the largest case in the JSON file ({''.join(execution)})")
+    late = claim["late_batch"]
+    print(
+        f"   a batch behind {late['backlog']} tasks of 10 others: median "
+        f"{late['seconds']['median'] * 1e3:.3f} ms"
+    )
 
     sus = r["sustained"]
     print(f"\n4. sustained: {sus['tasks']} tasks, {sus['batches']} batches, 4 workers")
