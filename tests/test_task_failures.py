@@ -13,6 +13,7 @@ from queue_core import (
     enqueue_many,
 )
 from queue_core.processor import load_processor
+from queue_core.validation import whole_number
 from tests.support import db
 from tests.support.events import load_event
 from tests.support.lambda_context import LambdaContext
@@ -191,3 +192,20 @@ def test_failure_is_recorded_even_when_the_session_died_while_the_processor_ran(
     assert row["LastError"] == "ValueError: the processor's own error"
     assert row["NotBefore"] is not None
     assert row["Attempts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("7", 7),
+        ("007", 7),
+        ("9223372036854775807", 2**63 - 1),  # the largest task id
+        ("9223372036854775808", None),
+        ("+5", None),
+        ("1_000", None),
+        ("\u00b2", None),
+        ("", None),
+    ],
+)
+def test_whole_numbers_are_ascii_digits_up_to_bigint(raw, value):
+    assert whole_number(raw) == value

@@ -12,16 +12,20 @@ _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 
 MAX_PAYLOAD_DEPTH = 32
 
-_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
+MAX_BIGINT = 2**63 - 1
 
 
 def whole_number(raw: str) -> int | None:
-    """The value of a setting written as ASCII digits (at most 18), else None.
+    """The value of ASCII digits up to PostgreSQL's bigint (a task id), else None.
 
     str.isdigit() would also take "²" or Arabic-Indic digits, which int() refuses or
     reads differently.
     """
-    return int(raw) if _WHOLE_NUMBER.fullmatch(raw) else None
+    if not _WHOLE_NUMBER.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if value <= MAX_BIGINT else None
 
 
 def parse_json(text: str | bytes, field: str) -> Any:
